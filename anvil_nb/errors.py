@@ -1,0 +1,333 @@
+"""Exceptions of anvil_nb, and how errors cross the wire.
+
+Every exception anvil_nb raises on its own account derives from one root, so a user can catch
+:class:`AnvilError` or something narrower::
+
+    AnvilError
+    ├── AnvilWrappedError          a remote error whose type is not known on this side
+    │   ├── NoServerFunctionError
+    │   └── CookieError
+    ├── AppOfflineError
+    ├── BackgroundTaskError, BackgroundTaskKilled, BackgroundTaskNotFound, NotRunningTask
+    ├── ExecutionTerminatedError, InternalError, InvalidResponseError, InvalidObjectError
+    ├── PermissionDenied, QuotaExceededError, RuntimeUnavailableError, ServiceNotAdded
+    ├── SerializationError, SessionExpiredError, StackOverflow
+    ├── TimeoutError               (also a subclass of the built-in ``TimeoutError``)
+    ├── UplinkDisconnectedError
+    └── ProtocolError              a malformed frame; never sent to a peer as a type
+
+On the wire an error is ``{"type", "message", "trace"}`` (PROTOCOL.md §3). anvil_nb's own
+classes travel as ``anvil.server.<Name>`` so the real ``anvil-uplink`` client raises its own
+class of that name; other exceptions travel under their bare class name, as the real client
+sends them. On receipt, :func:`error_from_wire` rebuilds the same class when it is known here
+(anvil_nb's classes, built-in exceptions and types registered with
+:func:`register_exception_type`) and an :class:`AnvilWrappedError` that keeps the remote type
+name otherwise. The remote trace is kept on ``.remote_trace`` and shown as a note, labelled as
+remote.
+"""
+
+from __future__ import annotations
+
+import builtins
+import traceback
+from types import TracebackType
+from typing import Any, TypedDict
+
+__all__ = [
+    "AnvilError",
+    "AnvilWrappedError",
+    "AppOfflineError",
+    "BackgroundTaskError",
+    "BackgroundTaskKilled",
+    "BackgroundTaskNotFound",
+    "CookieError",
+    "ExecutionTerminatedError",
+    "InternalError",
+    "InvalidObjectError",
+    "InvalidResponseError",
+    "NoServerFunctionError",
+    "NotRunningTask",
+    "PermissionDenied",
+    "ProtocolError",
+    "QuotaExceededError",
+    "RuntimeUnavailableError",
+    "SerializationError",
+    "ServiceNotAdded",
+    "SessionExpiredError",
+    "StackOverflow",
+    "TimeoutError",
+    "UplinkDisconnectedError",
+    "error_from_wire",
+    "error_to_wire",
+    "register_exception_type",
+]
+
+
+class WireError(TypedDict, total=False):
+    """An error as it crosses the wire (PROTOCOL.md §3)."""
+
+    type: str
+    message: str
+    trace: list[list[Any]]
+
+
+class AnvilError(Exception):
+    """Root of every exception anvil_nb raises on its own account."""
+
+    #: The name this class travels under on the wire; ``None`` means the bare class name.
+    wire_type: str | None = None
+
+    def __init__(self, message: str = "") -> None:
+        super().__init__(message)
+        self.message = str(message)
+        #: ``[[filename, line], ...]`` innermost first, when the error came from a remote peer.
+        self.remote_trace: list[list[Any]] = []
+
+
+class AnvilWrappedError(AnvilError):
+    """A remote error whose type has no class on this side.
+
+    Attributes
+    ----------
+    remote_type : str or None
+        The type name the remote side reported, e.g. ``"MyError"``.
+    error_obj : dict
+        The error exactly as it arrived.
+    """
+
+    def __init__(self, message: str = "", remote_type: str | None = None) -> None:
+        super().__init__(message)
+        self.remote_type = remote_type
+        self.error_obj: dict[str, Any] = {"message": self.message, "trace": []}
+        if remote_type is not None:
+            self.error_obj["type"] = remote_type
+
+    def __repr__(self) -> str:
+        if type(self) is AnvilWrappedError and self.remote_type:
+            return f"AnvilWrappedError({self.remote_type}: {self.message!r})"
+        return super().__repr__()
+
+
+class ProtocolError(AnvilError):
+    """A frame or message that does not follow the uplink protocol."""
+
+
+# The classes of the "anvil.server" reference page, and the few the protocol adds. Their wire
+# names are "anvil.server.<Name>" -- never change them: the real client maps them to its classes.
+class AppOfflineError(AnvilError):
+    """The app (the host) cannot be reached."""
+
+    wire_type = "anvil.server.AppOfflineError"
+
+
+class BackgroundTaskError(AnvilError):
+    """A background task failed, or cannot be launched or queried by this caller."""
+
+    wire_type = "anvil.server.BackgroundTaskError"
+
+
+class BackgroundTaskKilled(AnvilError):
+    """The background task was killed."""
+
+    wire_type = "anvil.server.BackgroundTaskKilled"
+
+
+class BackgroundTaskNotFound(AnvilError):
+    """No background task has that id."""
+
+    wire_type = "anvil.server.BackgroundTaskNotFound"
+
+
+class NotRunningTask(AnvilError):
+    """The task asked about is not running on this connection."""
+
+    wire_type = "anvil.server.NotRunningTask"
+
+
+class ExecutionTerminatedError(AnvilError):
+    """The server code running the call was terminated."""
+
+    wire_type = "anvil.server.ExecutionTerminatedError"
+
+
+class InternalError(AnvilError):
+    """Something went wrong inside anvil_nb itself."""
+
+    wire_type = "anvil.server.InternalError"
+
+
+class InvalidResponseError(AnvilError):
+    """A response could not be understood."""
+
+    wire_type = "anvil.server.InvalidResponseError"
+
+
+class InvalidObjectError(AnvilError):
+    """An object (a Capability, a live object) is no longer valid, e.g. its session expired."""
+
+    wire_type = "anvil.server.InvalidObjectError"
+
+
+class NoServerFunctionError(AnvilWrappedError):
+    """No server function matching the name has been registered."""
+
+    wire_type = "anvil.server.NoServerFunctionError"
+
+
+class CookieError(AnvilWrappedError):
+    """A cookie could not be read or written."""
+
+    wire_type = "anvil.server.CookieError"
+
+
+class PermissionDenied(AnvilError):
+    """The caller is not allowed to do this (untrusted caller, bad capability, no user)."""
+
+    wire_type = "anvil.server.PermissionDenied"
+
+
+class QuotaExceededError(AnvilError):
+    """A resource limit was exceeded."""
+
+    wire_type = "anvil.server.QuotaExceededError"
+
+
+class RuntimeUnavailableError(AnvilError):
+    """The runtime that should run the call is not available."""
+
+    wire_type = "anvil.server.RuntimeUnavailableError"
+
+
+class SerializationError(AnvilError):
+    """A value cannot be sent over the wire, or a received value cannot be rebuilt."""
+
+    wire_type = "anvil.server.SerializationError"
+
+
+class ServiceNotAdded(AnvilError):
+    """The app uses a service that this host does not provide."""
+
+    wire_type = "anvil.server.ServiceNotAdded"
+
+
+class SessionExpiredError(AnvilError):
+    """The session was idle for too long and has expired; a new one has been started."""
+
+    wire_type = "anvil.server.SessionExpiredError"
+
+
+class StackOverflow(AnvilError):
+    """Server calls were nested too deeply."""
+
+    wire_type = "anvil.server.StackOverflow"
+
+
+class TimeoutError(AnvilError, builtins.TimeoutError):  # noqa: A001 - the reference page's name
+    """The call did not complete within its time limit."""
+
+    wire_type = "anvil.server.TimeoutError"
+
+
+class UplinkDisconnectedError(AnvilError):
+    """The connection that was serving the call went away."""
+
+    wire_type = "anvil.server.UplinkDisconnectedError"
+
+
+# ---------------------------------------------------------------------------------------------
+# Wire form
+
+_BY_WIRE_NAME: dict[str, type[BaseException]] = {}
+
+
+def register_exception_type(name: str, cls: type[BaseException]) -> None:
+    """Rebuild remote errors whose wire type is *name* as *cls* on this side.
+
+    Parameters
+    ----------
+    name : str
+        The type name as it travels on the wire (for your own classes: the bare class name,
+        which is what the remote side sends for them).
+    cls : type
+        An exception class whose constructor takes the message as its only argument.
+    """
+    if not (isinstance(cls, type) and issubclass(cls, BaseException)):
+        raise TypeError(f"register_exception_type needs an exception class, not {cls!r}")
+    _BY_WIRE_NAME[name] = cls
+
+
+for _cls in list(globals().values()):
+    if isinstance(_cls, type) and issubclass(_cls, AnvilError) and _cls.wire_type:
+        _BY_WIRE_NAME[_cls.wire_type] = _cls
+# The App Server's name for a write to a closed uplink socket (PROTOCOL.md §3).
+_BY_WIRE_NAME["anvil.server.UplinkDisconnected"] = UplinkDisconnectedError
+
+
+def wire_type_of(exc: BaseException) -> str:
+    """The type name *exc* travels under."""
+    if isinstance(exc, AnvilWrappedError) and type(exc) is AnvilWrappedError:
+        return exc.remote_type or "AnvilWrappedError"
+    wire = getattr(type(exc), "wire_type", None)
+    return wire if isinstance(wire, str) else type(exc).__name__
+
+
+def trace_of(tb: TracebackType | None) -> list[list[Any]]:
+    """``[[filename, line], ...]`` for a traceback, innermost frame first."""
+    return [[fs.filename.replace("\\", "/"), fs.lineno] for fs in reversed(traceback.extract_tb(tb))]
+
+
+def error_to_wire(exc: BaseException) -> WireError:
+    """The wire form of *exc*: type, message and trace (innermost first)."""
+    if isinstance(exc, KeyError) and len(exc.args) == 1:
+        message = str(exc.args[0])  # str(KeyError('k')) is "'k'"; the remote side re-quotes it
+    else:
+        message = str(exc)
+    remote = getattr(exc, "remote_trace", None) or []
+    return {"type": wire_type_of(exc), "message": message, "trace": trace_of(exc.__traceback__) + remote}
+
+
+def _builtin_exception(name: str) -> type[BaseException] | None:
+    cls = getattr(builtins, name, None)
+    if isinstance(cls, type) and issubclass(cls, Exception) and not issubclass(cls, Warning):
+        return cls
+    return None
+
+
+def error_from_wire(error: Any, where: str = "the remote side") -> BaseException:
+    """Rebuild the exception described by a wire error.
+
+    Parameters
+    ----------
+    error : dict
+        ``{"type", "message", "trace"}``; any field may be missing.
+    where : str
+        Who raised it, for the note that labels the trace as remote.
+
+    Returns
+    -------
+    BaseException
+        An instance of the same class when it is known on this side, else
+        :class:`AnvilWrappedError` carrying the remote type name.
+    """
+    if not isinstance(error, dict):
+        error = {"message": str(error)}
+    type_name = error.get("type")
+    message = str(error.get("message", ""))
+    trace = error.get("trace") if isinstance(error.get("trace"), list) else []
+    cls = None
+    if isinstance(type_name, str):
+        cls = _BY_WIRE_NAME.get(type_name) or _builtin_exception(type_name)
+    exc: BaseException
+    if cls is None:
+        exc = AnvilWrappedError(message, remote_type=type_name if isinstance(type_name, str) else None)
+        exc.error_obj = dict(error)
+    else:
+        try:
+            exc = cls(message)
+        except Exception:  # a class that wants other arguments: keep the type name at least
+            exc = AnvilWrappedError(message, remote_type=type_name)
+    exc.remote_trace = list(trace)  # type: ignore[attr-defined]
+    if trace and hasattr(exc, "add_note"):  # Python >= 3.11
+        lines = "".join(f'\n  File "{t[0]}", line {t[1]}' for t in reversed(trace) if len(t) >= 2)
+        exc.add_note(f"Remote traceback from {where} (most recent call last):{lines}")
+    return exc
