@@ -61,7 +61,9 @@ def _plain_json(value: Any, what: str) -> Any:
         out = {}
         for k, v in value.items():
             if not isinstance(k, str):
-                raise TypeError(f"The {what} of a Capability must be JSON data; key {k!r} is not a str")
+                raise TypeError(
+                    f"The {what} of a Capability must be JSON data; key {k!r} is not a str"
+                )
             out[k] = _plain_json(v, what)
         return out
     raise TypeError(f"The {what} of a Capability must be JSON data; {type(value).__name__} is not")
@@ -104,7 +106,9 @@ class Capability:
             if not scope:
                 raise ValueError("Cannot construct a Capability with an empty scope")
             if scope[0] == "_":
-                raise ValueError("To construct a Capability from scratch, its scope cannot start with '_'")
+                raise ValueError(
+                    "To construct a Capability from scratch, its scope cannot start with '_'"
+                )
         self._scope = scope
         self._mac = mac
         self._narrow: list[Any] = _check_scope(narrow, "narrow argument") if narrow else []
@@ -221,7 +225,11 @@ def unwrap_capability(capability: Capability, scope_pattern: list[Any]) -> list[
     matched: list[Any] = [None] * len(scope_pattern)
     for i, value in enumerate(scope):
         want = scope_pattern[i]
-        if want is Capability.ANY or value == want or (isinstance(want, tuple) and value == list(want)):
+        if (
+            want is Capability.ANY
+            or value == want
+            or (isinstance(want, tuple) and value == list(want))
+        ):
             matched[i] = value
         else:
             raise ValueError(f"Incorrect Capability: required {scope_pattern!r}; got {scope!r}")
@@ -239,7 +247,9 @@ def canonical_scope(scope: list[Any]) -> bytes:
 
 def sign_scope(host_secret: bytes, session_secret: bytes, scope: list[Any]) -> str:
     """The MAC of *scope* for one session: HMAC-SHA256, URL-safe base64 without padding."""
-    digest = hmac.new(host_secret, session_secret + b"\x00" + canonical_scope(scope), hashlib.sha256)
+    digest = hmac.new(
+        host_secret, session_secret + b"\x00" + canonical_scope(scope), hashlib.sha256
+    )
     return base64.urlsafe_b64encode(digest.digest()).rstrip(b"=").decode("ascii")
 
 

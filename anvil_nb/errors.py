@@ -29,6 +29,7 @@ remote.
 from __future__ import annotations
 
 import builtins
+import os
 import traceback
 from types import TracebackType
 from typing import Any, TypedDict
@@ -222,7 +223,7 @@ class StackOverflow(AnvilError):
     wire_type = "anvil.server.StackOverflow"
 
 
-class TimeoutError(AnvilError, builtins.TimeoutError):  # noqa: A001 - the reference page's name
+class TimeoutError(AnvilError, builtins.TimeoutError):
     """The call did not complete within its time limit."""
 
     wire_type = "anvil.server.TimeoutError"
@@ -271,19 +272,32 @@ def wire_type_of(exc: BaseException) -> str:
     return wire if isinstance(wire, str) else type(exc).__name__
 
 
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
 def trace_of(tb: TracebackType | None) -> list[list[Any]]:
-    """``[[filename, line], ...]`` for a traceback, innermost frame first."""
-    return [[fs.filename.replace("\\", "/"), fs.lineno] for fs in reversed(traceback.extract_tb(tb))]
+    """``[[filename, line], ...]`` for a traceback, innermost frame first.
+
+    Frames of anvil_nb itself are left out: the caller wants to see the user's code.
+    """
+    return [
+        [fs.filename.replace("\\", "/"), fs.lineno]
+        for fs in reversed(traceback.extract_tb(tb))
+        if not fs.filename.startswith(_PACKAGE_DIR)
+    ]
 
 
 def error_to_wire(exc: BaseException) -> WireError:
     """The wire form of *exc*: type, message and trace (innermost first)."""
-    if isinstance(exc, KeyError) and len(exc.args) == 1:
-        message = str(exc.args[0])  # str(KeyError('k')) is "'k'"; the remote side re-quotes it
-    else:
-        message = str(exc)
+    # str(KeyError('k')) is "'k'"; send the key itself, and the remote KeyError re-quotes it.
+    keyerror = isinstance(exc, KeyError) and len(exc.args) == 1
+    message = str(exc.args[0]) if keyerror else str(exc)
     remote = getattr(exc, "remote_trace", None) or []
-    return {"type": wire_type_of(exc), "message": message, "trace": trace_of(exc.__traceback__) + remote}
+    return {
+        "type": wire_type_of(exc),
+        "message": message,
+        "trace": trace_of(exc.__traceback__) + remote,
+    }
 
 
 def _builtin_exception(name: str) -> type[BaseException] | None:
@@ -319,7 +333,9 @@ def error_from_wire(error: Any, where: str = "the remote side") -> BaseException
         cls = _BY_WIRE_NAME.get(type_name) or _builtin_exception(type_name)
     exc: BaseException
     if cls is None:
-        exc = AnvilWrappedError(message, remote_type=type_name if isinstance(type_name, str) else None)
+        exc = AnvilWrappedError(
+            message, remote_type=type_name if isinstance(type_name, str) else None
+        )
         exc.error_obj = dict(error)
     else:
         try:

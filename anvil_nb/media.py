@@ -84,13 +84,17 @@ class BlobMedia(Media):
 
     __slots__ = ("_content", "_content_type", "_name")
 
-    def __init__(self, content_type: str, content: bytes | bytearray | str, name: str | None = None):
+    def __init__(
+        self, content_type: str, content: bytes | bytearray | str, name: str | None = None
+    ):
         if isinstance(content, str):
             content = content.encode("utf-8")
         if not isinstance(content, (bytes, bytearray, memoryview)):
             raise TypeError(f"BlobMedia content must be bytes, not {type(content).__name__}")
         if not isinstance(content_type, str):
-            raise TypeError(f"BlobMedia content_type must be a str, not {type(content_type).__name__}")
+            raise TypeError(
+                f"BlobMedia content_type must be a str, not {type(content_type).__name__}"
+            )
         self._content_type = content_type
         self._content = bytes(content)
         self._name = name

@@ -112,9 +112,11 @@ class SerializationInfo:
     *local* stays on this side. Inside the shared data itself, *transmitted* is ``None``.
     """
 
-    __slots__ = ("_default_key", "_local", "_tx", "_tx_enabled", "_trusted", "local_is_trusted")
+    __slots__ = ("_default_key", "_local", "_trusted", "_tx", "_tx_enabled", "local_is_trusted")
 
-    def __init__(self, vt_global: Any = None, remote_is_trusted: bool = False, local_is_trusted: bool = True):
+    def __init__(
+        self, vt_global: Any = None, remote_is_trusted: bool = False, local_is_trusted: bool = True
+    ):
         self._tx: dict[str, Any] = {}
         self._local: dict[str, Any] = {}
         self._default_key: str | None = None
@@ -126,7 +128,7 @@ class SerializationInfo:
             self._tx[":GLOBAL"] = vt_global
         elif isinstance(vt_global, list):
             it = iter(vt_global)
-            for k, v in zip(it, it):
+            for k, v in zip(it, it, strict=False):
                 self._tx[str(k)] = v
 
     @property

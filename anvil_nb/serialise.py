@@ -30,6 +30,7 @@ entries raise ``SerializationError`` naming the entry; they never raise anything
 from __future__ import annotations
 
 import datetime as dt
+import math
 import secrets
 import sys
 from collections.abc import Callable, Iterable, Mapping
@@ -86,14 +87,30 @@ class Encoded:
 
     __slots__ = ("capabilities", "media", "message")
 
-    def __init__(self, message: dict[str, Any], media: list[tuple[str, Media]], capabilities: list[Capability]):
+    def __init__(
+        self,
+        message: dict[str, Any],
+        media: list[tuple[str, Media]],
+        capabilities: list[Capability],
+    ):
         self.message = message
         self.media = media
         self.capabilities = capabilities
 
 
 class _Encoder:
-    __slots__ = ("active", "attrs", "caps", "info", "lo_methods", "media", "new_media_id", "objects", "path", "trusted")
+    __slots__ = (
+        "active",
+        "attrs",
+        "caps",
+        "info",
+        "lo_methods",
+        "media",
+        "new_media_id",
+        "objects",
+        "path",
+        "trusted",
+    )
 
     def __init__(self, new_media_id: Callable[[], str], trusted: bool):
         self.objects: list[dict[str, Any]] = []
@@ -108,7 +125,9 @@ class _Encoder:
         self.trusted = trusted
 
     # -- errors --------------------------------------------------------------------------------
-    def fail(self, message: str, extra: Any = ..., cause: BaseException | None = None) -> SerializationError:
+    def fail(
+        self, message: str, extra: Any = ..., cause: BaseException | None = None
+    ) -> SerializationError:
         path = self.path if extra is ... else [*self.path, extra]
         shown = format_path(path, self.attrs)
         if len(path) > 12:
@@ -135,11 +154,18 @@ class _Encoder:
         if t is float:
             if -_FINITE_MAX <= v <= _FINITE_MAX:
                 return v
-            self.entry({"type": ["Float"], "value": "NaN" if v != v else ("Infinity" if v > 0 else "-Infinity")})
+            self.entry(
+                {
+                    "type": ["Float"],
+                    "value": "NaN" if math.isnan(v) else ("Infinity" if v > 0 else "-Infinity"),
+                }
+            )
             return None
         if t is dict or t is list or t is tuple:
             if depth >= MAX_DEPTH:
-                raise self.fail(f"Cannot serialize a value nested more than {MAX_DEPTH} levels deep")
+                raise self.fail(
+                    f"Cannot serialize a value nested more than {MAX_DEPTH} levels deep"
+                )
             key = id(v)
             if key in self.active:
                 raise self.fail("Cannot serialize a circular reference")
@@ -151,7 +177,9 @@ class _Encoder:
                 for k, item in v.items():
                     if type(k) is not str:
                         if not isinstance(k, str):
-                            raise self.fail("Cannot serialize dictionaries with keys that aren't strings", k)
+                            raise self.fail(
+                                "Cannot serialize dictionaries with keys that aren't strings", k
+                            )
                         k = str(k)  # noqa: PLW2901 - a str subclass travels as a plain str
                     path.append(k)
                     out[k] = self.enc(item, depth)
@@ -189,7 +217,9 @@ class _Encoder:
         if isinstance(v, Media):
             media_id = self.new_media_id()
             self.media.append((media_id, v))
-            self.entry({"type": ["DataMedia"], "mime-type": v.content_type, "name": v.name, "id": media_id})
+            self.entry(
+                {"type": ["DataMedia"], "mime-type": v.content_type, "name": v.name, "id": media_id}
+            )
             return None
         if isinstance(v, LiveObjectProxy):
             self.entry(v._to_wire(self.lo_methods))
@@ -233,14 +263,15 @@ class _Encoder:
         info._default_key = name
         serialize = getattr(t, "__serialize__", None)
         try:
-            if serialize is not None:
-                data = v.__serialize__(info)
-            else:
-                data = vars(v)
+            data = v.__serialize__(info) if serialize is not None else vars(v)
         except SerializationError:
             raise
         except Exception as exc:
-            what = f"{t.__qualname__}.__serialize__ failed" if serialize else f"{t.__qualname__} has no __dict__"
+            what = (
+                f"{t.__qualname__}.__serialize__ failed"
+                if serialize
+                else f"{t.__qualname__} has no __dict__"
+            )
             raise self.fail(f"Cannot serialize {t} object ({what}: {exc})", cause=exc) from exc
         self.active.add(key)
         position = len(self.path)
@@ -337,14 +368,23 @@ def _parse_datetime(s: Any) -> dt.datetime:
         tz = dt.timezone.utc if minutes == 0 else dt.timezone(dt.timedelta(minutes=minutes))
         s = s[:-5]
     micro = int(s[20:26].ljust(6, "0")) if len(s) > 20 else 0
-    return dt.datetime(int(s[0:4]), int(s[5:7]), int(s[8:10]), int(s[11:13]), int(s[14:16]), int(s[17:19]), micro, tz)
+    return dt.datetime(
+        int(s[0:4]),
+        int(s[5:7]),
+        int(s[8:10]),
+        int(s[11:13]),
+        int(s[14:16]),
+        int(s[17:19]),
+        micro,
+        tz,
+    )
 
 
 def _parse_long(s: Any) -> int:
     if isinstance(s, int) and not isinstance(s, bool):
         return s
     if not isinstance(s, str) or len(s) > _LONG_MAX_DIGITS:
-        raise ValueError("not a decimal string of at most %d digits" % _LONG_MAX_DIGITS)
+        raise ValueError(f"not a decimal string of at most {_LONG_MAX_DIGITS} digits")
     return int(s)
 
 
@@ -405,14 +445,18 @@ def _apply_entries(
     shared_info._tx_enabled = False
     for entry in objects:
         if not isinstance(entry, dict):
-            raise SerializationError(f"each entry of 'objects' must be a dict, not {type(entry).__name__}")
+            raise SerializationError(
+                f"each entry of 'objects' must be a dict, not {type(entry).__name__}"
+            )
         types = entry.get("type")
         path = entry.get("path")
         if not isinstance(types, list) or not isinstance(path, list) or not path:
-            raise SerializationError(f"malformed entry in 'objects' (needs a type list and a path): {entry!r:.200}")
+            raise SerializationError(
+                f"malformed entry in 'objects' (needs a type list and a path): {entry!r:.200}"
+            )
         parent, key = _walk(root, path)
         for t in types:
-            if t == "ValueType" or t == "ClassType":
+            if t in {"ValueType", "ClassType"}:
                 name = entry.get("typeName")
                 cls = portable.class_for_name(name) if isinstance(name, str) else None
                 if cls is None:
@@ -427,7 +471,9 @@ def _apply_entries(
                         use = shared_info
                     else:
                         if info is None:
-                            info = SerializationInfo(root.get("vt_global"), remote_is_trusted=remote_is_trusted)
+                            info = SerializationInfo(
+                                root.get("vt_global"), remote_is_trusted=remote_is_trusted
+                            )
                         use = info
                     use._default_key = name
                     parent[key] = _rebuild(cls, parent[key], use, path)
@@ -439,14 +485,22 @@ def _apply_entries(
                 parent[key] = value
                 break
         else:
-            raise SerializationError(f"Cannot accept an object of type {types[0]!r} at {format_path(path)}")
+            raise SerializationError(
+                f"Cannot accept an object of type {types[0]!r} at {format_path(path)}"
+            )
     return info
 
 
 _UNKNOWN = object()
 
 
-def _rebuild_value(t: Any, entry: dict[str, Any], media: Mapping[str, bytes] | None, lo_methods: dict[str, Any], path: list[Any]) -> Any:
+def _rebuild_value(
+    t: Any,
+    entry: dict[str, Any],
+    media: Mapping[str, bytes] | None,
+    lo_methods: dict[str, Any],
+    path: list[Any],
+) -> Any:
     try:
         if t == "Long":
             return _parse_long(entry.get("value"))
@@ -463,10 +517,16 @@ def _rebuild_value(t: Any, entry: dict[str, Any], media: Mapping[str, bytes] | N
             return Capability(scope, mac, narrow if narrow else None)
         if t == "DataMedia":
             media_id = entry.get("id")
-            content = media.get(media_id) if media is not None and isinstance(media_id, str) else None
+            content = (
+                media.get(media_id) if media is not None and isinstance(media_id, str) else None
+            )
             if content is None:
                 raise KeyError(f"no content arrived for media {media_id!r}")
-            return BlobMedia(str(entry.get("mime-type") or "application/octet-stream"), content, entry.get("name"))
+            return BlobMedia(
+                str(entry.get("mime-type") or "application/octet-stream"),
+                content,
+                entry.get("name"),
+            )
         if t == "LazyMedia":
             return LazyMedia(entry)
         if t == "LiveObject":
@@ -494,7 +554,9 @@ def _step(obj: Any, k: Any, path: list[Any]) -> Any:
         return obj[k]
     if type(obj) is list and type(k) is int and 0 <= k < len(obj):
         return obj[k]
-    raise SerializationError(f"the path {format_path(path)} of an entry in 'objects' does not lead to a value")
+    raise SerializationError(
+        f"the path {format_path(path)} of an entry in 'objects' does not lead to a value"
+    )
 
 
 def _rebuild(cls: type, data: Any, info: SerializationInfo, path: list[Any]) -> Any:
@@ -514,4 +576,6 @@ def _rebuild(cls: type, data: Any, info: SerializationInfo, path: list[Any]) -> 
     except SerializationError:
         raise
     except Exception as exc:
-        raise SerializationError(f"Cannot rebuild {cls.__qualname__} at {format_path(path)}: {exc}") from exc
+        raise SerializationError(
+            f"Cannot rebuild {cls.__qualname__} at {format_path(path)}: {exc}"
+        ) from exc

@@ -1,0 +1,352 @@
+"""``anvil_nb.server``: the server-function API, mirroring ``anvil.server``.
+
+Examples
+--------
+>>> from anvil_nb import server
+>>> @server.callable
+... def add(a, b):
+...     return a + b
+>>> server.call("add", 1, 2)
+3
+
+Functions registered with :func:`callable` are served by this process; :func:`call` routes a
+call through the host (an embedded one is started when this process has none) with a full
+serialise/deserialise copy both ways. Inside a server function, :data:`context` says who
+called, :data:`session` holds the caller's session, and capabilities passed in are checked with
+:func:`unwrap_capability`.
+"""
+
+from __future__ import annotations
+
+import builtins
+import contextlib
+from collections.abc import Callable, Iterator, MutableMapping
+from typing import Any, TypeVar, overload
+
+from anvil_nb import _runtime
+from anvil_nb.capability import Capability, unwrap_capability
+from anvil_nb.client import current_call, functions, reset_current_session
+from anvil_nb.context import CallContext, ClientInfo, Location, StackFrame
+from anvil_nb.errors import (
+    AnvilError,
+    AnvilWrappedError,
+    AppOfflineError,
+    BackgroundTaskError,
+    BackgroundTaskKilled,
+    BackgroundTaskNotFound,
+    ExecutionTerminatedError,
+    InternalError,
+    InvalidResponseError,
+    NoServerFunctionError,
+    PermissionDenied,
+    QuotaExceededError,
+    RuntimeUnavailableError,
+    SerializationError,
+    ServiceNotAdded,
+    SessionExpiredError,
+    TimeoutError,
+    UplinkDisconnectedError,
+)
+from anvil_nb.portable import SerializationInfo, portable_class
+
+__all__ = [
+    "AnvilError",
+    "AnvilWrappedError",
+    "AppOfflineError",
+    "BackgroundTaskError",
+    "BackgroundTaskKilled",
+    "BackgroundTaskNotFound",
+    "CallContext",
+    "Capability",
+    "ClientInfo",
+    "ExecutionTerminatedError",
+    "FormResponse",
+    "HttpRequest",
+    "HttpResponse",
+    "InternalError",
+    "InvalidResponseError",
+    "Location",
+    "NoServerFunctionError",
+    "PermissionDenied",
+    "QuotaExceededError",
+    "RuntimeUnavailableError",
+    "SerializationError",
+    "SerializationInfo",
+    "ServiceNotAdded",
+    "SessionExpiredError",
+    "StackFrame",
+    "TimeoutError",
+    "UplinkDisconnectedError",
+    "background_task",
+    "call",
+    "call_async",
+    "callable",
+    "connect",
+    "context",
+    "disconnect",
+    "get_api_origin",
+    "get_app_origin",
+    "get_session_id",
+    "http_endpoint",
+    "is_app_online",
+    "launch_background_task",
+    "no_loading_indicator",
+    "portable_class",
+    "request",
+    "reset_session",
+    "session",
+    "task_state",
+    "unwrap_capability",
+]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+# ---------------------------------------------------------------------------------------------
+# Registering and calling
+
+
+@overload
+def callable(fn: F, /) -> F: ...
+@overload
+def callable(name: str | None = None, /, *, require_user: Any = None) -> Callable[[F], F]: ...
+
+
+def callable(fn_or_name: Any = None, /, *, require_user: Any = None) -> Any:
+    """Make a function callable by name from anywhere connected to the host.
+
+    Use it as ``@callable``, ``@callable("name")`` or ``@callable(require_user=True)``. The
+    name defaults to the function's ``__name__`` and may be a regular expression (it must then
+    match the whole called name). Registering a new function under a taken name replaces it.
+
+    Parameters
+    ----------
+    fn_or_name : callable or str, optional
+        The function, or the name to register it under.
+    require_user : bool or callable, optional
+        Refuse calls (``PermissionDenied``) unless a user is logged in.
+
+    Returns
+    -------
+    callable
+        The function itself, unchanged.
+    """
+    if builtins.callable(fn_or_name) and not isinstance(fn_or_name, str):
+        _register(fn_or_name.__name__, fn_or_name, require_user)
+        return fn_or_name
+    name = fn_or_name
+
+    def decorate(fn: F) -> F:
+        _register(name or fn.__name__, fn, require_user)
+        return fn
+
+    return decorate
+
+
+def _register(name: str, fn: Callable[..., Any], require_user: Any) -> None:
+    functions.register(name, fn, require_user)
+
+
+def call(fn_name: str, *args: Any, **kwargs: Any) -> Any:
+    """Call the server function registered as *fn_name* and return its result.
+
+    Arguments and result are copied (serialised and rebuilt) on the way, also when the
+    function runs in this process. Errors raised by the function are raised here, as the same
+    class when it is known on this side.
+
+    Raises
+    ------
+    NoServerFunctionError
+        Nothing is registered under that name.
+    """
+    return _runtime.current_client().call(fn_name, *args, **kwargs)  # type: ignore[union-attr]
+
+
+async def call_async(fn_name: str, *args: Any, **kwargs: Any) -> Any:
+    """Like :func:`call`, but awaitable from asyncio code."""
+    return await _runtime.current_client().call_async(fn_name, *args, **kwargs)  # type: ignore[union-attr]
+
+
+def connect(key: str, url: str = "wss://anvil.works/uplink", **kwargs: Any) -> None:
+    """Join a host over the network as an uplink (the signature of ``anvil.server.connect``)."""
+    raise NotImplementedError(
+        "server.connect(key, url) joins a host over a WebSocket; the network transport is not "
+        "available yet in this version of anvil_nb. In-process calls work without connecting."
+    )
+
+
+def disconnect() -> None:
+    """Close this process's connection to its host (and stop an embedded host)."""
+    _runtime.disconnect()
+
+
+# ---------------------------------------------------------------------------------------------
+# The current call: context, session, request
+
+
+def _default_context() -> CallContext:
+    client = _runtime.current_client(start=False)
+    return CallContext(type=client.own_type if client is not None else "server_module")
+
+
+class _SessionProxy(MutableMapping[str, Any]):
+    """``server.session``: the session of the call being served, as a dict."""
+
+    def _data(self) -> dict[str, Any]:
+        state = current_call()
+        if state is None:
+            raise RuntimeError("server.session is only available inside a server function call")
+        return state.session
+
+    def __getitem__(self, key: str) -> Any:
+        return self._data()[key]
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        self._data()[key] = value
+
+    def __delitem__(self, key: str) -> None:
+        del self._data()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._data())
+
+    def __len__(self) -> int:
+        return len(self._data())
+
+    def __repr__(self) -> str:
+        state = current_call()
+        return (
+            f"<server.session {state.session!r}>" if state else "<server.session (outside a call)>"
+        )
+
+
+#: The session of the current call: a dict-like object that travels with the call.
+session: MutableMapping[str, Any] = _SessionProxy()
+
+
+def __getattr__(name: str) -> Any:
+    # ``server.context`` and ``server.request`` depend on the call being served.
+    if name == "context":
+        state = current_call()
+        return state.context if state is not None else _default_context()
+    if name == "request":
+        raise NotImplementedError(
+            "server.request is only available in HTTP endpoint calls, which "
+            "this version of anvil_nb does not serve yet"
+        )
+    raise AttributeError(f"module 'anvil_nb.server' has no attribute {name!r}")
+
+
+def get_session_id() -> str | None:
+    """The id of the current session (of the call being served, or of this connection)."""
+    state = current_call()
+    if state is not None and state.session_id:
+        return state.session_id
+    return call("anvil.private.get_session_id")
+
+
+def reset_session() -> None:
+    """Replace the current session with a new, empty one (capabilities of the old one stop working)."""
+    state = current_call()
+    client = state.client if state is not None else _runtime.current_client()
+    reset_current_session(client)  # type: ignore[arg-type]
+
+
+def is_app_online() -> bool:
+    """Whether this process is connected to its host."""
+    client = _runtime.current_client(start=False)
+    return client is not None and client.connected
+
+
+def get_app_origin() -> str | None:
+    """The origin URL of the app (``None`` for a host that listens on no HTTP port)."""
+    return call("anvil.private.get_app_origin")
+
+
+def get_api_origin() -> str | None:
+    """The origin of the app's HTTP endpoints (the app origin + ``/_/api``)."""
+    return call("anvil.private.get_api_origin")
+
+
+class _NoLoadingIndicator(contextlib.AbstractContextManager):  # type: ignore[type-arg]
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def __repr__(self) -> str:
+        return "<server.no_loading_indicator>"
+
+
+#: A context manager that hides the browser's loading indicator; server-side it does nothing.
+no_loading_indicator = _NoLoadingIndicator()
+
+
+# ---------------------------------------------------------------------------------------------
+# HTTP
+
+
+class HttpRequest:
+    """The HTTP request an endpoint is serving (``server.request``)."""
+
+    def __init__(self, **fields: Any):
+        self.path: str = fields.get("path", "")
+        self.method: str = fields.get("method", "GET")
+        self.query_params: dict[str, Any] = fields.get("query_params", {})
+        self.form_params: dict[str, Any] = fields.get("form_params", {})
+        self.origin: str | None = fields.get("origin")
+        self.headers: dict[str, str] = fields.get("headers", {})
+        self.remote_address: str | None = fields.get("remote_address")
+        self.body: Any = fields.get("body")
+        self.username: str | None = fields.get("username")
+        self.password: str | None = fields.get("password")
+
+    @property
+    def body_json(self) -> Any:
+        """The body parsed as JSON, or ``None``."""
+        import json  # noqa: PLC0415
+
+        if self.body is None:
+            return None
+        return json.loads(self.body.get_bytes())
+
+
+class HttpResponse:
+    """A response an HTTP endpoint returns: status, body and headers."""
+
+    def __init__(self, status: int = 200, body: Any = "", headers: dict[str, str] | None = None):
+        self.status = status
+        self.body = body
+        self.headers: dict[str, str] = dict(headers or {})
+
+
+@portable_class("anvil.server._LoadAppResponse")  # never change: the Anvil client knows this name
+class FormResponse:
+    """Open a form as a new page, from a ``route``: ``FormResponse("Form1", *args, **kwargs)``."""
+
+    def __init__(self, form: str, *args: Any, **kwargs: Any):
+        self.form = form
+        self.args = list(args)
+        self.kwargs = kwargs
+
+
+def _later(feature: str) -> NotImplementedError:
+    return NotImplementedError(f"{feature} is not available yet in this version of anvil_nb")
+
+
+def http_endpoint(path: str, **options: Any) -> Callable[[F], F]:
+    """Serve a function as an HTTP endpoint under ``/_/api/<path>``."""
+    raise _later("@server.http_endpoint (HTTP endpoints)")
+
+
+def background_task(fn: Any = None, /, **options: Any) -> Any:
+    """Register a function that can run as a background task."""
+    raise _later("@server.background_task (background tasks)")
+
+
+def launch_background_task(fn_name: str, *args: Any, **kwargs: Any) -> Any:
+    """Launch a background task and return its task object at once."""
+    raise _later("server.launch_background_task (background tasks)")
+
+
+def task_state() -> Any:
+    """The state of the background task this code runs in."""
+    raise _later("server.task_state (background tasks)")
