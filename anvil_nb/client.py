@@ -416,7 +416,7 @@ class Client:
             if self._loop is None:
                 loop = asyncio.new_event_loop()
                 threading.Thread(
-                    target=loop.run_forever, name="anvil_nb-async", daemon=True
+                    target=_run_loop, args=(loop,), name="anvil_nb-async", daemon=True
                 ).start()
                 self._loop = loop
             return self._loop
@@ -482,6 +482,14 @@ class Client:
             state.session.clear()
             state.session.update(fresh)
         return msg.get("response")
+
+
+def _run_loop(loop: asyncio.AbstractEventLoop) -> None:
+    asyncio.set_event_loop(loop)
+    try:
+        loop.run_forever()
+    finally:
+        loop.close()
 
 
 def reset_current_session(client: Client) -> str:

@@ -25,7 +25,7 @@ from typing import Any, TypeVar, overload
 
 from anvil_nb import _runtime
 from anvil_nb.capability import Capability, unwrap_capability
-from anvil_nb.client import current_call, functions, reset_current_session
+from anvil_nb.client import Client, current_call, functions, reset_current_session
 from anvil_nb.context import CallContext, ClientInfo, Location, StackFrame
 from anvil_nb.errors import (
     AnvilError,
@@ -143,6 +143,16 @@ def callable(fn_or_name: Any = None, /, *, require_user: Any = None) -> Any:
     return decorate
 
 
+def _client() -> Client:
+    """The connection to use: the one serving the current call, else this process's."""
+    state = current_call()
+    if state is not None:
+        return state.client
+    client = _runtime.current_client()
+    assert client is not None
+    return client
+
+
 def _register(name: str, fn: Callable[..., Any], require_user: Any) -> None:
     functions.register(name, fn, require_user)
 
@@ -159,12 +169,12 @@ def call(fn_name: str, *args: Any, **kwargs: Any) -> Any:
     NoServerFunctionError
         Nothing is registered under that name.
     """
-    return _runtime.current_client().call(fn_name, *args, **kwargs)  # type: ignore[union-attr]
+    return _client().call(fn_name, *args, **kwargs)
 
 
 async def call_async(fn_name: str, *args: Any, **kwargs: Any) -> Any:
     """Like :func:`call`, but awaitable from asyncio code."""
-    return await _runtime.current_client().call_async(fn_name, *args, **kwargs)  # type: ignore[union-attr]
+    return await _client().call_async(fn_name, *args, **kwargs)
 
 
 def connect(key: str, url: str = "wss://anvil.works/uplink", **kwargs: Any) -> None:
@@ -247,9 +257,7 @@ def get_session_id() -> str | None:
 
 def reset_session() -> None:
     """Replace the current session with a new, empty one (capabilities of the old one stop working)."""
-    state = current_call()
-    client = state.client if state is not None else _runtime.current_client()
-    reset_current_session(client)  # type: ignore[arg-type]
+    reset_current_session(_client())
 
 
 def is_app_online() -> bool:
