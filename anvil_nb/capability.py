@@ -180,7 +180,16 @@ class Capability:
         return self.scope == other.scope
 
     def __hash__(self) -> int:
-        return hash(scope_key(self.scope))
+        return hash(_freeze(self.scope))
+
+
+def _freeze(value: Any) -> Any:
+    """A hashable form of JSON data that is equal exactly when the data is (like ``==``)."""
+    if isinstance(value, list):
+        return tuple(_freeze(v) for v in value)
+    if isinstance(value, dict):
+        return frozenset((k, _freeze(v)) for k, v in value.items())
+    return value
 
 
 def unwrap_capability(capability: Capability, scope_pattern: list[Any]) -> list[Any]:

@@ -327,7 +327,13 @@ def error_from_wire(error: Any, where: str = "the remote side") -> BaseException
         error = {"message": str(error)}
     type_name = error.get("type")
     message = str(error.get("message", ""))
-    trace = error.get("trace") if isinstance(error.get("trace"), list) else []
+    raw_trace = error.get("trace") if isinstance(error.get("trace"), list) else []
+    # The trace comes from the peer: keep only well-formed [filename, line] entries.
+    trace = [
+        [str(t[0]), t[1]]
+        for t in raw_trace
+        if isinstance(t, (list, tuple)) and len(t) >= 2 and isinstance(t[1], int)
+    ]
     cls = None
     if isinstance(type_name, str):
         cls = _BY_WIRE_NAME.get(type_name) or _builtin_exception(type_name)
@@ -344,6 +350,6 @@ def error_from_wire(error: Any, where: str = "the remote side") -> BaseException
             exc = AnvilWrappedError(message, remote_type=type_name)
     exc.remote_trace = list(trace)  # type: ignore[attr-defined]
     if trace and hasattr(exc, "add_note"):  # Python >= 3.11
-        lines = "".join(f'\n  File "{t[0]}", line {t[1]}' for t in reversed(trace) if len(t) >= 2)
+        lines = "".join(f'\n  File "{t[0]}", line {t[1]}' for t in reversed(trace))
         exc.add_note(f"Remote traceback from {where} (most recent call last):{lines}")
     return exc

@@ -51,7 +51,8 @@ MAX_DEPTH = 200
 
 _INT_LIMIT = 2147483647  # the real client sends ints beyond ±2**31-1 as Long
 _FINITE_MAX = sys.float_info.max
-_LONG_MAX_DIGITS = 4000  # below CPython's int/str conversion limit
+#: The longest Long both sides accept: CPython's default int/str conversion limit.
+_LONG_MAX_DIGITS = 4300
 
 
 def format_path(path: Iterable[Any], attrs: frozenset[int] | set[int] = frozenset()) -> str:
@@ -149,6 +150,8 @@ class _Encoder:
         if t is int:
             if -_INT_LIMIT <= v <= _INT_LIMIT:
                 return v
+            if v.bit_length() > _LONG_MAX_BITS:
+                raise self.fail(f"Cannot serialize an int of more than {_LONG_MAX_DIGITS} digits")
             self.entry({"type": ["Long"], "value": str(v)})
             return None
         if t is float:
@@ -180,7 +183,7 @@ class _Encoder:
                             raise self.fail(
                                 "Cannot serialize dictionaries with keys that aren't strings", k
                             )
-                        k = str(k)  # noqa: PLW2901 - a str subclass travels as a plain str
+                        k = str.__str__(k)  # noqa: PLW2901 - a str subclass travels as its value
                     path.append(k)
                     out[k] = self.enc(item, depth)
                     path.pop()
@@ -341,6 +344,7 @@ def serialise(
         info._tx_enabled = False
         enc.objects = []
         path.append("vt_global")
+        enc.lo_methods = {}  # its entries go first, so they must not rely on the body's
         message["vt_global"] = enc.enc(info._to_wire(), 0)
         path.pop()
         objects = enc.objects + objects
@@ -383,10 +387,12 @@ def _parse_datetime(s: Any) -> dt.datetime:
 def _parse_long(s: Any) -> int:
     if isinstance(s, int) and not isinstance(s, bool):
         return s
-    if not isinstance(s, str) or len(s) > _LONG_MAX_DIGITS:
+    if not isinstance(s, str) or len(s.lstrip("+-")) > _LONG_MAX_DIGITS:
         raise ValueError(f"not a decimal string of at most {_LONG_MAX_DIGITS} digits")
     return int(s)
 
+
+_LONG_MAX_BITS = int(_LONG_MAX_DIGITS * 3.3219)  # log2(10): a bound below 4300 digits
 
 _FLOATS = {"NaN": float("nan"), "Infinity": float("inf"), "-Infinity": float("-inf")}
 

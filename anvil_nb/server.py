@@ -200,7 +200,11 @@ def _default_context() -> CallContext:
 
 
 class _SessionProxy(MutableMapping[str, Any]):
-    """``server.session``: the session of the call being served, as a dict."""
+    """``server.session``: the session of the call being served, as a dict.
+
+    It is copied into each call and the changed copy is kept by the host when the call returns;
+    values must be serialisable, and a call that stores something that is not fails.
+    """
 
     def _data(self) -> dict[str, Any]:
         state = current_call()
@@ -277,6 +281,8 @@ def get_api_origin() -> str | None:
 
 
 class _NoLoadingIndicator(contextlib.AbstractContextManager):  # type: ignore[type-arg]
+    """Hide the browser's loading indicator during the calls inside ``with``; no-op here."""
+
     def __exit__(self, *exc: object) -> None:
         return None
 
