@@ -192,7 +192,7 @@ def test_form_response_travels_under_anvils_name():
         (lambda: server.http_endpoint("/x"), "http_endpoint"),
         (lambda: server.background_task(lambda: 1), "background_task"),
         (lambda: server.launch_background_task("t"), "launch_background_task"),
-        (lambda: server.task_state(), "task_state"),
+        (server.task_state, "task_state"),
         (lambda: server.request, "request"),
         (lambda: server.connect("key", "ws://127.0.0.1:1/_/uplink"), "connect"),
     ],

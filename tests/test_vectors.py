@@ -22,6 +22,7 @@ from typing import Any
 
 import orjson
 import pytest
+from wire_support import assert_same
 
 from anvil_nb import portable
 from anvil_nb.capability import Capability
@@ -123,7 +124,7 @@ def test_serialise_writes_what_the_real_client_writes(vector, namespace):
 
 
 @pytest.mark.parametrize("vector", VECTORS, ids=[v["name"] for v in VECTORS])
-def test_deserialise_rebuilds_what_the_real_client_sent(vector, namespace, assert_same):
+def test_deserialise_rebuilds_what_the_real_client_sent(vector, namespace):
     original = eval(vector["expr"], namespace)
     message = orjson.loads(orjson.dumps(vector["wire"]))
 
