@@ -44,10 +44,17 @@ def _check_scope(scope: Any, what: str = "scope") -> list[Any]:
     """Return *scope* as plain JSON (tuples become lists), or raise TypeError naming the problem."""
     if not isinstance(scope, (list, tuple)):
         raise TypeError(f"The {what} of a Capability must be a list, not {type(scope).__name__}")
-    return _plain_json(list(scope), what)
+    return _plain_json(list(scope), what, 0)
 
 
-def _plain_json(value: Any, what: str) -> Any:
+_MAX_SCOPE_DEPTH = 32
+
+
+def _plain_json(value: Any, what: str, depth: int) -> Any:
+    if depth > _MAX_SCOPE_DEPTH:
+        raise TypeError(
+            f"The {what} of a Capability is nested more than {_MAX_SCOPE_DEPTH} levels deep"
+        )
     t = type(value)
     if value is None or t in (str, bool, int):
         return value
@@ -56,7 +63,7 @@ def _plain_json(value: Any, what: str) -> Any:
             raise TypeError(f"The {what} of a Capability must be JSON data; {value!r} is not")
         return value
     if t in (list, tuple):
-        return [_plain_json(v, what) for v in value]
+        return [_plain_json(v, what, depth + 1) for v in value]
     if t is dict:
         out = {}
         for k, v in value.items():
@@ -64,7 +71,7 @@ def _plain_json(value: Any, what: str) -> Any:
                 raise TypeError(
                     f"The {what} of a Capability must be JSON data; key {k!r} is not a str"
                 )
-            out[k] = _plain_json(v, what)
+            out[k] = _plain_json(v, what, depth + 1)
         return out
     raise TypeError(f"The {what} of a Capability must be JSON data; {type(value).__name__} is not")
 

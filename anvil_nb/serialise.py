@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import datetime as dt
 import math
+import re
 import secrets
 import sys
 from collections.abc import Callable, Iterable, Mapping
@@ -165,37 +166,39 @@ class _Encoder:
             )
             return None
         if t is dict or t is list or t is tuple:
-            if depth >= MAX_DEPTH:
-                raise self.fail(
-                    f"Cannot serialize a value nested more than {MAX_DEPTH} levels deep"
-                )
-            key = id(v)
-            if key in self.active:
-                raise self.fail("Cannot serialize a circular reference")
-            self.active.add(key)
-            path = self.path
-            depth += 1
-            if t is dict:
-                out: Any = {}
-                for k, item in v.items():
-                    if type(k) is not str:
-                        if not isinstance(k, str):
-                            raise self.fail(
-                                "Cannot serialize dictionaries with keys that aren't strings", k
-                            )
-                        k = str.__str__(k)  # noqa: PLW2901 - a str subclass travels as its value
-                    path.append(k)
-                    out[k] = self.enc(item, depth)
-                    path.pop()
-            else:
-                out = []
-                for i, item in enumerate(v):
-                    path.append(i)
-                    out.append(self.enc(item, depth))
-                    path.pop()
-            self.active.discard(key)
-            return out
+            return self.enc_container(v, t is dict, depth)
         return self.enc_other(v, t, depth)
+
+    def enc_container(self, v: Any, is_dict: bool, depth: int) -> Any:
+        """A dict, list or tuple (or a subclass): a new container, checked for cycles."""
+        if depth >= MAX_DEPTH:
+            raise self.fail(f"Cannot serialize a value nested more than {MAX_DEPTH} levels deep")
+        key = id(v)
+        if key in self.active:
+            raise self.fail("Cannot serialize a circular reference")
+        self.active.add(key)
+        path = self.path
+        depth += 1
+        if is_dict:
+            out: Any = {}
+            for k, item in v.items():
+                if type(k) is not str:
+                    if not isinstance(k, str):
+                        raise self.fail(
+                            "Cannot serialize dictionaries with keys that aren't strings", k
+                        )
+                    k = str.__str__(k)  # noqa: PLW2901 - a str subclass travels as its value
+                path.append(k)
+                out[k] = self.enc(item, depth)
+                path.pop()
+        else:
+            out = []
+            for i, item in enumerate(v):
+                path.append(i)
+                out.append(self.enc(item, depth))
+                path.pop()
+        self.active.discard(key)
+        return out
 
     def enc_other(self, v: Any, t: type, depth: int) -> Any:
         name = portable.name_of_class(t)
@@ -237,8 +240,10 @@ class _Encoder:
             return self.enc(int.__int__(v), depth)
         if isinstance(v, float):
             return self.enc(float.__float__(v), depth)
-        if isinstance(v, dict):
-            return self.enc(dict(v), depth)
+        if isinstance(v, dict):  # OrderedDict, defaultdict, ...
+            return self.enc_container(v, True, depth)
+        if isinstance(v, (list, tuple)):  # namedtuples, list subclasses
+            return self.enc_container(v, False, depth)
         numpy = sys.modules.get("numpy")
         if numpy is not None:
             if isinstance(v, numpy.generic):
@@ -387,12 +392,14 @@ def _parse_datetime(s: Any) -> dt.datetime:
 def _parse_long(s: Any) -> int:
     if isinstance(s, int) and not isinstance(s, bool):
         return s
-    if not isinstance(s, str) or len(s.lstrip("+-")) > _LONG_MAX_DIGITS:
+    if not isinstance(s, str) or len(s) > _LONG_MAX_DIGITS + 1 or not _LONG_RE.fullmatch(s):
         raise ValueError(f"not a decimal string of at most {_LONG_MAX_DIGITS} digits")
     return int(s)
 
 
 _LONG_MAX_BITS = int(_LONG_MAX_DIGITS * 3.3219)  # log2(10): a bound below 4300 digits
+
+_LONG_RE = re.compile(r"-?[0-9]+", re.ASCII)
 
 _FLOATS = {"NaN": float("nan"), "Infinity": float("inf"), "-Infinity": float("-inf")}
 
@@ -425,7 +432,7 @@ def deserialise(
     """
     objects = message.pop("objects", None)
     vt_global = message.pop("vt_global", None)
-    if not objects:
+    if objects is None:
         return
     if not isinstance(objects, list):
         raise SerializationError(f"'objects' must be a list, not {type(objects).__name__}")
@@ -456,12 +463,14 @@ def _apply_entries(
             )
         types = entry.get("type")
         path = entry.get("path")
-        if not isinstance(types, list) or not isinstance(path, list) or not path:
+        if not isinstance(types, list) or not types or not isinstance(path, list) or not path:
             raise SerializationError(
                 f"malformed entry in 'objects' (needs a type list and a path): {entry!r:.200}"
             )
         parent, key = _walk(root, path)
         for t in types:
+            if not isinstance(t, str):
+                continue
             if t in {"ValueType", "ClassType"}:
                 name = entry.get("typeName")
                 cls = portable.class_for_name(name) if isinstance(name, str) else None

@@ -14,6 +14,7 @@ The ``errors`` vectors must raise ``SerializationError`` with the client's exact
 from __future__ import annotations
 
 import datetime
+import itertools
 import json
 from collections import Counter
 from pathlib import Path
@@ -67,7 +68,7 @@ def namespace():
 
 def media_ids():
     """A ``new_media_id`` that gives ``m0``, ``m1``, ... like the vectors' client did."""
-    counter = iter(range(1_000_000))
+    counter = itertools.count()
     return lambda: f"m{next(counter)}"
 
 
