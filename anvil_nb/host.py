@@ -25,10 +25,12 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import os
 import secrets
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 from anvil_nb import protocol
@@ -55,7 +57,7 @@ from anvil_nb.events import (
     SessionChanged,
 )
 from anvil_nb.registry import Registry
-from anvil_nb.sessions import SessionManager, SessionRecord
+from anvil_nb.sessions import SessionManager, SessionRecord, SQLiteSessionStore
 
 __all__ = ["MAX_CALL_DEPTH", "Host", "Peer"]
 
@@ -69,6 +71,22 @@ Media = Mapping[str, bytes]
 _SESSIONLESS = frozenset(
     {"anvil.private.echo", "anvil.private.get_app_origin", "anvil.private.get_api_origin"}
 )
+
+
+def load_secret(path: Path) -> bytes:
+    """The host's MAC key from *path*, created (readable by the owner only) if missing."""
+    try:
+        secret = path.read_bytes()
+        if len(secret) >= 32:
+            return secret
+    except FileNotFoundError:
+        pass
+    path.parent.mkdir(parents=True, exist_ok=True)
+    secret = secrets.token_bytes(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(secret)
+    return secret
 
 
 class Peer(Protocol):
@@ -135,6 +153,9 @@ class Host:
         Sent to peers at handshake and with every call (``anvil.app`` on real clients).
     origin : str, optional
         The app origin, e.g. ``"http://127.0.0.1:8888"``; ``None`` when nothing listens on HTTP.
+    data_dir : str or Path, optional
+        Keep sessions (``sessions.sqlite3``) and the MAC key (``host-secret``) in this folder, so
+        that both survive a restart. Without it, both live in memory.
     """
 
     def __init__(
@@ -145,9 +166,17 @@ class Host:
         call_timeout: float | None = None,
         app_info: dict[str, Any] | None = None,
         origin: str | None = None,
+        data_dir: str | Path | None = None,
     ):
-        self.sessions = sessions if sessions is not None else SessionManager()
-        self.secret = secret if secret is not None else secrets.token_bytes(32)
+        if sessions is None:
+            store = SQLiteSessionStore(Path(data_dir) / "sessions.sqlite3") if data_dir else None
+            sessions = SessionManager(store)
+        self.sessions = sessions
+        if secret is None:
+            secret = (
+                load_secret(Path(data_dir) / "host-secret") if data_dir else secrets.token_bytes(32)
+            )
+        self.secret = secret
         self.call_timeout = call_timeout
         self.app_info = app_info or {
             "id": "anvil_nb",

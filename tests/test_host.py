@@ -628,3 +628,43 @@ def test_concurrent_async_calls_keep_their_own_context(connect):
     for t in threads:
         t.join(WAIT)
     assert results == [[i, i, "client_uplink"] for i in range(n)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Data dir
+
+
+def test_data_dir_keeps_sessions_and_the_mac_key_across_a_restart(tmp_path):
+    from anvil_nb.capability import sign_scope, verify_scope
+    from anvil_nb.sessions import SQLiteSessionStore
+
+    first = Host(data_dir=tmp_path)
+    assert isinstance(first.sessions.store, SQLiteSessionStore)
+    record = first.sessions.new(client={"type": "browser", "ip": "127.0.0.1"})
+    first.sessions.save_data(record, {"session": {"cart": [1, 2]}, "objects": []})
+    mac = sign_scope(first.secret, record.secret, ["doc", 1])
+    first.sessions.close()
+
+    second = Host(data_dir=tmp_path)  # a restart: same folder, new process state
+    again = second.sessions.use(record.id)
+    assert again.data == {"session": {"cart": [1, 2]}, "objects": []}
+    assert second.secret == first.secret
+    assert verify_scope(second.secret, again.secret, ["doc", 1], mac)  # capabilities still hold
+    assert (tmp_path / "host-secret").stat().st_mode & 0o077 == 0
+    second.sessions.close()
+
+
+def test_tasks_started_inside_an_async_callable_see_its_context(connect):
+    import asyncio
+
+    async def fan_out():
+        async def peek(i):
+            await asyncio.sleep(0)
+            return i, server.context.client.type, server.get_session_id()
+
+        return await asyncio.gather(*(peek(i) for i in range(4)))
+
+    provider_with(connect, fan_out=fan_out)
+    caller = connect("browser")
+    sid = caller.call("anvil.private.get_session_id")
+    assert caller.call("fan_out") == [[i, "browser", sid] for i in range(4)]
