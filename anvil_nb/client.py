@@ -221,7 +221,11 @@ class Client:
     # -- lifecycle -----------------------------------------------------------------------------
     def start(self, timeout: float = 30.0) -> Client:
         """Connect, register every function and wait until the host has them all."""
-        self.transport.open(self._on_message, self._on_closed)
+        try:
+            self.transport.open(self._on_message, self._on_closed)
+        except ConnectionError as exc:
+            self._pool.shutdown(wait=False)
+            raise AppOfflineError(str(exc)) from exc
         if not self._authed.wait(timeout):
             self.close()
             raise AppOfflineError(f"The host did not answer the handshake within {timeout} s")
@@ -277,6 +281,10 @@ class Client:
         elif kind == "auth":
             self.own_type = _PRIV_TYPES.get(str(msg.get("priv")), "uplink")
             self.app_info = msg.get("app-info") or {}
+            if self._remove_listener is not None:  # a reconnection: register everything again
+                self._connected = True
+                for name in self.functions.names():
+                    self.transport.send({"type": "REGISTER", "name": name})
             self._authed.set()
         elif kind == "fatal":
             self.fatal = str(msg.get("error"))

@@ -42,6 +42,8 @@ from anvil_nb.errors import (
     NoServerFunctionError,
     PermissionDenied,
     ProtocolError,
+    QuotaExceededError,
+    RuntimeUnavailableError,
     SessionExpiredError,
     StackOverflow,
     TimeoutError,
@@ -153,6 +155,9 @@ class Host:
         Sent to peers at handshake and with every call (``anvil.app`` on real clients).
     origin : str, optional
         The app origin, e.g. ``"http://127.0.0.1:8888"``; ``None`` when nothing listens on HTTP.
+    max_calls_per_peer : int
+        The most calls one connection may have in flight; more fail with
+        ``QuotaExceededError`` (a flood cannot make the host hold unbounded state).
     data_dir : str or Path, optional
         Keep sessions (``sessions.sqlite3``) and the MAC key (``host-secret``) in this folder, so
         that both survive a restart. Without it, both live in memory.
@@ -167,7 +172,9 @@ class Host:
         app_info: dict[str, Any] | None = None,
         origin: str | None = None,
         data_dir: str | Path | None = None,
+        max_calls_per_peer: int = 1024,
     ):
+        self.max_calls_per_peer = max_calls_per_peer
         if sessions is None:
             store = SQLiteSessionStore(Path(data_dir) / "sessions.sqlite3") if data_dir else None
             sessions = SessionManager(store)
@@ -242,6 +249,19 @@ class Host:
         ps.calls.clear()
         self.sessions.drop(ps.session_id)
         log.info("%s disconnected", peer.name)
+
+    def close(self) -> None:
+        """Stop: every call in flight fails with ``RuntimeUnavailableError``, every peer is closed."""
+        for ps in list(self._peers.values()):
+            for call_id, req in list(ps.calls.items()):
+                self._cancel_timer(req)
+                req.caller = None
+                self._fail(ps, call_id, RuntimeUnavailableError("The host is shutting down"))
+            ps.calls.clear()
+        for peer in list(self._peers):
+            peer.close("host shutting down")
+            self.detach(peer)
+        self.sessions.close()
 
     @property
     def peers(self) -> list[Peer]:
@@ -321,6 +341,10 @@ class Host:
             raise ProtocolError("a CALL's 'args' must be a list and its 'kwargs' a dict")
         if call_id in ps.calls:
             raise ProtocolError(f"call id {call_id!r} is already in use on this connection")
+        if len(ps.calls) >= self.max_calls_per_peer:
+            raise QuotaExceededError(
+                f"Too many calls in flight on this connection (at most {self.max_calls_per_peer})"
+            )
 
         parent = ps.served.get(msg.get("call-stack-id"))  # type: ignore[arg-type]
         if parent is not None:

@@ -13,6 +13,7 @@ clients never send it.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from typing import Any, Literal, TypedDict
 
 import orjson
@@ -20,9 +21,12 @@ import orjson
 from anvil_nb.errors import ProtocolError, WireError
 
 __all__ = [
+    "CHUNK_SIZE",
     "DEFAULT_MAX_FRAME_BYTES",
     "MIN_PROTOCOL_VERSION",
     "PROTOCOL_VERSION",
+    "MediaAssembler",
+    "chunk_media",
     "decode",
     "encode",
     "error_message",
@@ -140,3 +144,127 @@ def kind_of(msg: dict[str, Any]) -> Kind:
 def error_message(call_id: Any, error: WireError) -> dict[str, Any]:
     """A response that fails the call *call_id*."""
     return {"id": call_id, "error": error, "objects": []}
+
+
+# ---------------------------------------------------------------------------------------------
+# Media streaming (PROTOCOL.md §5)
+
+#: Bytes per binary frame when anvil_nb sends media (the real client's size).
+CHUNK_SIZE = 65536
+
+
+def media_ids(msg: dict[str, Any]) -> list[str]:
+    """The ids of the DataMedia entries of a message, whose bytes follow it in chunks."""
+    objects = msg.get("objects")
+    if not objects or type(objects) is not list:
+        return []
+    return [
+        o["id"]
+        for o in objects
+        if type(o) is dict and "DataMedia" in (o.get("type") or ()) and isinstance(o.get("id"), str)
+    ]
+
+
+def chunk_media(
+    request_id: Any, media: Mapping[str, bytes], size: int = CHUNK_SIZE
+) -> Iterator[tuple[dict[str, Any], bytes]]:
+    """The ``CHUNK_HEADER`` and binary frame pairs that carry *media* after message *request_id*.
+
+    Every media gets at least one chunk (an empty one for no bytes), the last marked ``lastChunk``.
+    """
+    for media_id, data in media.items():
+        view = memoryview(data)
+        n = max(1, -(-len(view) // size))
+        for i in range(n):
+            chunk = bytes(view[i * size : (i + 1) * size])
+            header = {
+                "type": "CHUNK_HEADER",
+                "requestId": request_id,
+                "mediaId": media_id,
+                "chunkIndex": i,
+                "lastChunk": i == n - 1,
+            }
+            yield header, chunk
+
+
+class MediaAssembler:
+    """Holds each message until the bytes of all its media have arrived. No I/O.
+
+    Feed it every decoded text message with :meth:`message`, every ``CHUNK_HEADER`` with
+    :meth:`header` and every binary frame with :meth:`chunk`; each returns the messages that
+    are now complete, as ``(msg, media)`` pairs, in the order they completed.
+
+    Parameters
+    ----------
+    max_bytes : int
+        The most media bytes held at once; more is a :class:`ProtocolError` (the sender must
+        not make the receiver buffer without bound).
+    """
+
+    def __init__(self, max_bytes: int = 256 * 1024 * 1024):
+        self.max_bytes = max_bytes
+        self._held: dict[Any, tuple[dict[str, Any], dict[str, list[bytes] | bytes], set[str]]] = {}
+        self._next: dict[str, Any] | None = None
+        self._bytes = 0
+
+    @property
+    def waiting(self) -> int:
+        """How many messages are waiting for media."""
+        return len(self._held)
+
+    def message(self, msg: dict[str, Any]) -> list[tuple[dict[str, Any], dict[str, bytes]]]:
+        """A message arrived: returned at once unless it has media to wait for."""
+        ids = media_ids(msg)
+        if not ids:
+            return [(msg, {})]
+        key = msg.get("id")
+        if key in self._held:
+            raise ProtocolError(f"message id {key!r} reused while its media are still arriving")
+        self._held[key] = (msg, {i: [] for i in ids}, set(ids))
+        return []
+
+    def header(self, header: dict[str, Any]) -> None:
+        """A ``CHUNK_HEADER``: the next binary frame belongs to it."""
+        if self._next is not None:
+            raise ProtocolError("CHUNK_HEADER without the binary frame of the previous one")
+        held = self._held.get(header.get("requestId"))
+        if held is None or header.get("mediaId") not in held[2]:
+            raise ProtocolError(
+                f"chunk for unknown media {header.get('mediaId')!r} of request {header.get('requestId')!r}"
+            )
+        self._next = header
+
+    def chunk(self, data: bytes) -> list[tuple[dict[str, Any], dict[str, bytes]]]:
+        """A binary frame, the content announced by the last header."""
+        header, self._next = self._next, None
+        if header is None:
+            raise ProtocolError("binary frame without a CHUNK_HEADER before it")
+        key = header["requestId"]
+        msg, parts, missing = self._held[key]
+        media_id = header["mediaId"]
+        self._bytes += len(data)
+        if self._bytes > self.max_bytes:
+            raise ProtocolError(f"more than {self.max_bytes} bytes of media are arriving at once")
+        pieces = parts[media_id]
+        assert isinstance(pieces, list)
+        pieces.append(data)
+        if not header.get("lastChunk"):
+            return []
+        parts[media_id] = b"".join(pieces)
+        missing.discard(media_id)
+        if missing:
+            return []
+        del self._held[key]
+        media = {k: v for k, v in parts.items() if isinstance(v, bytes)}
+        self._bytes -= sum(len(v) for v in media.values())
+        return [(msg, media)]
+
+    def failed(self, error: dict[str, Any]) -> dict[str, Any] | None:
+        """A ``MEDIA_ERROR``: drop the waiting message and return it (``None`` if unknown)."""
+        held = self._held.pop(error.get("requestId"), None)
+        if held is None:
+            return None
+        self._bytes -= sum(
+            len(b) for p in held[1].values() for b in (p if isinstance(p, list) else [p])
+        )
+        return held[0]

@@ -177,12 +177,46 @@ async def call_async(fn_name: str, *args: Any, **kwargs: Any) -> Any:
     return await _client().call_async(fn_name, *args, **kwargs)
 
 
-def connect(key: str, url: str = "wss://anvil.works/uplink", **kwargs: Any) -> None:
-    """Join a host over the network as an uplink (the signature of ``anvil.server.connect``)."""
-    raise NotImplementedError(
-        "server.connect(key, url) joins a host over a WebSocket; the network transport is not "
-        "available yet in this version of anvil_nb. In-process calls work without connecting."
-    )
+def connect(
+    key: str,
+    url: str = "wss://anvil.works/uplink",
+    quiet: bool = False,
+    init_session: Callable[[], Any] | None = None,
+    extra_headers: dict[str, str] | None = None,
+) -> None:
+    """Join a host over the network as an uplink (the signature of ``anvil.server.connect``).
+
+    With the host's server key this process is a trusted uplink and serves its
+    ``@server.callable`` functions; with the client key it is an untrusted caller. The
+    connection is re-established (and every function registered again) if it drops.
+
+    Parameters
+    ----------
+    key : str
+        The host's server key or client key.
+    url : str
+        The host's uplink URL, e.g. ``"ws://127.0.0.1:3030/_/uplink"``.
+    quiet : bool
+        Do not print the line that says the connection is up.
+    init_session : callable, optional
+        Called once the connection is up, before this function returns.
+    extra_headers : dict, optional
+        Headers added to the WebSocket upgrade request.
+
+    Raises
+    ------
+    AppOfflineError
+        The host cannot be reached, or refused the key.
+    """
+    from anvil_nb.transports.websocket import WebSocketTransport  # noqa: PLC0415 - loads tornado
+
+    client = Client(WebSocketTransport(url, key, extra_headers=extra_headers)).start()
+    _runtime.set_client(client)
+    if not quiet:
+        role = "SERVER" if client.own_type == "uplink" else "CLIENT"
+        print(f"Connected to {url} as {role}", flush=True)
+    if init_session is not None:
+        init_session()
 
 
 def disconnect() -> None:

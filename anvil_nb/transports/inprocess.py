@@ -82,9 +82,7 @@ class HostThread:
             self._thread.join(5)
 
     def _close_all(self) -> None:
-        for peer in self.host.peers:
-            peer.close("host stopped")
-        self.host.sessions.close()
+        self.host.close()
 
 
 class _Peer:

@@ -1,0 +1,10 @@
+"""``python -m anvil_nb``: the command line (see :mod:`anvil_nb.serve`)."""
+
+from __future__ import annotations
+
+import sys
+
+from anvil_nb.serve import main
+
+if __name__ == "__main__":
+    sys.exit(main())
