@@ -194,7 +194,6 @@ def test_form_response_travels_under_anvils_name():
         (lambda: server.launch_background_task("t"), "launch_background_task"),
         (server.task_state, "task_state"),
         (lambda: server.request, "request"),
-        (lambda: server.connect("key", "ws://127.0.0.1:1/_/uplink"), "connect"),
     ],
 )
 def test_features_of_later_versions_say_so(call, feature):
@@ -205,3 +204,8 @@ def test_features_of_later_versions_say_so(call, feature):
 def test_unknown_attribute_is_an_attribute_error():
     with pytest.raises(AttributeError, match="no_such_thing"):
         server.no_such_thing  # noqa: B018
+
+
+def test_connect_to_a_host_that_is_not_there_says_so():
+    with pytest.raises(server.AppOfflineError, match=r"ws://127\.0\.0\.1:1/_/uplink"):
+        server.connect("key", "ws://127.0.0.1:1/_/uplink", quiet=True)
