@@ -182,7 +182,9 @@ class WebSocketTransport(Transport):
         while True:
             frame = await ws.read_message()
             if frame is None:
-                return ws.close_reason or "connection closed"
+                reason = ws.close_reason or "connection closed"
+                ws.close()  # release it on our side too (tornado warns otherwise)
+                return reason
             try:
                 if isinstance(frame, bytes):
                     done = assembler.chunk(frame)
