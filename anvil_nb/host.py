@@ -250,6 +250,13 @@ class Host:
         self.sessions.drop(ps.session_id)
         log.info("%s disconnected", peer.name)
 
+    def housekeeping(self) -> list[str]:
+        """Remove expired sessions and persist idle clocks; call it every minute or so."""
+        gone = self.sessions.purge()
+        for session_id in gone:
+            self._emit_session(session_id, "expired")
+        return gone
+
     def close(self) -> None:
         """Stop: every call in flight fails with ``RuntimeUnavailableError``, every peer is closed."""
         for ps in list(self._peers.values()):
@@ -374,8 +381,9 @@ class Host:
 
         objects = msg.get("objects") or []
         caps_in = self._check_capabilities(objects, record, ps.trusted)
-        if parent is not None and ps.trusted and isinstance(msg.get("sessionData"), dict):
-            self.sessions.save_data(record, msg["sessionData"])
+        data = msg.get("sessionData")
+        if parent is not None and ps.trusted and isinstance(data, dict) and data != record.data:
+            self.sessions.save_data(record, data)
 
         provider = self.registry.pick(command)
         if provider is None:
@@ -472,7 +480,8 @@ class Host:
             ok = False
         else:
             data = msg.get("sessionData")
-            if isinstance(data, dict) and record is not None:
+            # Most calls leave the session as it was: write only what changed.
+            if isinstance(data, dict) and record is not None and data != record.data:
                 self.sessions.save_data(record, data)
                 if self.events.active:
                     self._emit_session(record.id, "saved")

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import platformdirs
 import tornado.httpserver
+import tornado.ioloop
 import tornado.netutil
 
 from anvil_nb.app import make_app
@@ -85,6 +86,8 @@ async def serve(args: argparse.Namespace) -> int:
     port = sockets[0].getsockname()[1]
     shown = f"[{args.host}]" if ":" in args.host else args.host
     host.origin = f"http://{shown}:{port}"
+    housekeeping = tornado.ioloop.PeriodicCallback(host.housekeeping, 60_000)
+    housekeeping.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -95,6 +98,7 @@ async def serve(args: argparse.Namespace) -> int:
     )
     await stop.wait()
     log.info("stopping")
+    housekeeping.stop()
     server.stop()
     host.close()
     try:

@@ -668,3 +668,33 @@ def test_tasks_started_inside_an_async_callable_see_its_context(connect):
     caller = connect("browser")
     sid = caller.call("anvil.private.get_session_id")
     assert caller.call("fan_out") == [[i, "browser", sid] for i in range(4)]
+
+
+def test_housekeeping_removes_expired_sessions_and_reports_them():
+    clock = {"now": 0.0}
+    host = Host(sessions=SessionManager(timeout=60, clock=lambda: clock["now"]))
+    old = host.sessions.new()
+    clock["now"] = 30
+    fresh = host.sessions.new()
+    clock["now"] = 61
+    seen: list[Any] = []
+    host.events.subscribe(seen.append)
+    assert host.housekeeping() == [old.id]
+    assert host.sessions.get(fresh.id) is not None and host.sessions.get(old.id) is None
+    assert [(e.session_id, e.reason) for e in seen] == [(old.id, "expired")]
+
+
+def test_unchanged_session_data_is_not_written_again(connect, host_thread):
+    writes = []
+    store = host_thread.host.sessions.store
+    original_put = store.put
+    store.put = lambda record: (writes.append(record.id), original_put(record))  # count writes
+    provider_with(connect, count=count, peek=lambda: dict(server.session))
+    caller = connect()
+    caller.call("count")
+    after_change = len(writes)
+    for _ in range(5):
+        caller.call("peek")
+    assert len(writes) == after_change  # reading the session writes nothing
+    caller.call("count")
+    assert len(writes) == after_change + 1
