@@ -129,6 +129,8 @@ class _Request:
     caller_call_id: Any
     provider: _PeerState
     session_id: str
+    #: The session's version when this request's copy of it went out; a returned copy is
+    #: stored only if the session is still at this version (optimistic concurrency).
     session_version: int
     nested: bool
     caps_in: frozenset[str]
@@ -137,6 +139,10 @@ class _Request:
     stack: list[dict[str, Any]]
     client: dict[str, Any]
     timer: asyncio.TimerHandle | None = None
+    #: The request this one is nested in, when the caller is serving one.
+    parent: _Request | None = None
+    #: The caller sent its session along and takes the changed one back (anvil_nb clients).
+    adopts_session: bool = False
 
 
 class Host:
@@ -319,6 +325,7 @@ class Host:
             self._emit_registration(name, ps, added=True)
 
     def _fatal(self, ps: _PeerState, text: str) -> None:
+        log.warning("%s: %s", ps.peer.name, text)
         ps.peer.send({"error": text})
         ps.peer.close(text)
 
@@ -382,8 +389,10 @@ class Host:
         objects = msg.get("objects") or []
         caps_in = self._check_capabilities(objects, record, ps.trusted)
         data = msg.get("sessionData")
-        if parent is not None and ps.trusted and isinstance(data, dict) and data != record.data:
-            self.sessions.save_data(record, data)
+        adopts = parent is not None and ps.trusted and isinstance(data, dict)
+        if adopts and data != record.data and record.version == parent.session_version:  # type: ignore[union-attr]
+            self.sessions.save_data(record, data)  # type: ignore[arg-type]
+            parent.session_version = record.version  # type: ignore[union-attr]
 
         provider = self.registry.pick(command)
         if provider is None:
@@ -421,6 +430,8 @@ class Host:
             started=time.perf_counter(),
             stack=stack,
             client=client,
+            parent=parent,
+            adopts_session=adopts,
         )
         provider.served[rid] = req
         ps.calls[call_id] = req
@@ -480,11 +491,17 @@ class Host:
             ok = False
         else:
             data = msg.get("sessionData")
-            # Most calls leave the session as it was: write only what changed.
+            # Most calls leave the session as it was: write only what changed. A copy that went
+            # out before the session last changed is stale and dropped, as the App Server does.
             if isinstance(data, dict) and record is not None and data != record.data:
-                self.sessions.save_data(record, data)
-                if self.events.active:
-                    self._emit_session(record.id, "saved")
+                if record.version == req.session_version:
+                    self.sessions.save_data(record, data)
+                    if self.events.active:
+                        self._emit_session(record.id, "saved")
+                else:
+                    log.info(
+                        "%s: session changed during %r; its copy is dropped", req.id, req.command
+                    )
             objects = msg.get("objects") or []
             try:
                 if record is not None:
@@ -498,13 +515,10 @@ class Host:
             if "vt_global" in msg:
                 out["vt_global"] = msg["vt_global"]
             ok = True
-            if (
-                req.nested
-                and caller.trusted
-                and record is not None
-                and record.version != req.session_version
-            ):
+            if req.adopts_session and record is not None and record.version != req.session_version:
                 out["sessionData"] = record.data if record.data is not None else {}
+                if req.parent is not None:
+                    req.parent.session_version = record.version  # the caller now holds this copy
         updates = msg.get("capUpdates")
         if updates and isinstance(updates, dict) and req.caps_in:
             passed = {}
@@ -614,9 +628,10 @@ class Host:
             for req in state.served.values():
                 if req.session_id == rec.id:
                     req.session_id = fresh.id
-                    req.session_version = -1  # the caller must learn of the new session
+                    req.session_version = -1  # their copies belong to the old session: dropped
         if parent is not None:
             parent.session_id = fresh.id
+            parent.session_version = fresh.version  # the call that reset it continues in it
         self.sessions.drop(rec.id)
         self._emit_session(rec.id, "reset", fresh.id)
         return fresh.id

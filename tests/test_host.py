@@ -698,3 +698,21 @@ def test_unchanged_session_data_is_not_written_again(connect, host_thread):
     assert len(writes) == after_change  # reading the session writes nothing
     caller.call("count")
     assert len(writes) == after_change + 1
+
+
+def test_a_stale_session_copy_does_not_undo_changes_made_meanwhile(connect):
+    entered, gate = threading.Event(), threading.Event()
+
+    def slow():
+        entered.set()
+        gate.wait(WAIT)  # holds the session copy it was given, unchanged
+
+    provider_with(connect, slow=slow, count=count)
+    caller = connect()
+    pending = caller.send_call("slow", [], {})
+    assert entered.wait(WAIT)
+    assert caller.call("count")[0] == 1  # the session changes while "slow" runs
+    gate.set()
+    msg, _ = pending.result(WAIT)
+    assert "response" in msg
+    assert caller.call("count")[0] == 2  # slow's older copy was not stored over it

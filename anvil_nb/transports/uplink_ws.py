@@ -164,6 +164,8 @@ class UplinkHandler(tornado.websocket.WebSocketHandler):
             if kind == "MEDIA_ERROR":
                 self._media_error(msg)
                 return
+            if msg.get("type") == "REGISTER_LIVE_OBJECT_BACKEND":  # refused, as by the App Server
+                raise ProtocolError("Cannot register live-object backends the uplink.")
             if kind in ("unknown", "auth", "fatal", "output", "LAUNCH_BACKGROUND"):
                 raise ProtocolError(f"unexpected message from an uplink: {str(msg)[:100]}")
             done = self.assembler.message(msg)
@@ -177,7 +179,6 @@ class UplinkHandler(tornado.websocket.WebSocketHandler):
             return
         kind = self.keys.kind_of(msg.get("key"))
         if kind is None:
-            log.warning("uplink from %s refused: incorrect key", self.request.remote_ip)
             self.fatal(protocol.BAD_KEY)
             return
         # anvil_nb's kernels join as server modules; only the server key may ask for it.
