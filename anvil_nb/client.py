@@ -20,6 +20,7 @@ import asyncio
 import concurrent.futures
 import contextvars
 import inspect
+import itertools
 import logging
 import re
 import secrets
@@ -36,6 +37,7 @@ from anvil_nb.errors import (
     AppOfflineError,
     NoServerFunctionError,
     PermissionDenied,
+    ProtocolError,
     SerializationError,
     UplinkDisconnectedError,
     error_from_wire,
@@ -209,6 +211,8 @@ class Client:
         self.app_info: dict[str, Any] = {}
         self.fatal: str | None = None
         self._pending: dict[str, _Pending] = {}
+        self._id_prefix = secrets.token_hex(4) + "-"
+        self._ids = itertools.count(1)
         self._pool = concurrent.futures.ThreadPoolExecutor(
             workers, thread_name_prefix="anvil_nb-call"
         )
@@ -378,14 +382,21 @@ class Client:
                 if updates:
                     msg["capUpdates"] = updates
                 media = {mid: m.get_bytes() for mid, m in enc.media}
-                protocol.encode(msg)  # fail here, as this call's error, if anything is not JSON
+                if updates:  # updates are sent as they are: they must be plain JSON
+                    protocol.encode(updates)
             except Exception as exc:
                 error = exc
         if error is not None:
             msg = {"id": state.request_id, "error": error_to_wire(error), "objects": []}
             media = {}
         try:
-            self.transport.send(msg, media)
+            try:
+                self.transport.send(msg, media)
+            except ProtocolError as exc:  # not JSON after all: the caller must still hear back
+                error = SerializationError(f"The response could not be encoded: {exc}")
+                self.transport.send(
+                    {"id": state.request_id, "error": error_to_wire(error), "objects": []}
+                )
         except Exception:
             log.exception("could not send the response to %s", state.request_id)
         if self.events.active:
@@ -455,7 +466,7 @@ class Client:
         if self.fatal is not None:
             raise AppOfflineError(f"Anvil fatal error: {self.fatal}")
         enc = serialise({"args": list(args), "kwargs": kwargs}, remote_is_trusted=True)
-        call_id = secrets.token_urlsafe(8)
+        call_id = f"{self._id_prefix}{next(self._ids)}"
         msg = {"type": "CALL", "id": call_id, "command": command, **enc.message}
         state = _current.get()
         if state is not None and state.client is self:

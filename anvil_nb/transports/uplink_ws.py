@@ -20,7 +20,7 @@ import hmac
 import itertools
 import logging
 import secrets
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -91,6 +91,9 @@ class WebSocketPeer:
             log.debug("%s: message dropped, the connection is closed", self.name)
 
     def _track(self, future: asyncio.Future[None]) -> None:
+        if future.done():  # written straight to the socket: the usual case
+            future.exception()
+            return
         self.unflushed += 1
         if self.unflushed >= MAX_UNFLUSHED_WRITES:
             self._drained.clear()
@@ -132,9 +135,14 @@ class UplinkHandler(tornado.websocket.WebSocketHandler):
     def get_compression_options(self) -> None:
         """No compression (the real client supports none)."""
 
-    async def on_message(self, message: str | bytes) -> None:  # noqa: D102
+    def on_message(self, message: str | bytes) -> Awaitable[None] | None:
+        """Handle one frame; while the peer is not reading, return a future to pause reading.
+
+        A plain method, not a coroutine: tornado then makes no task per frame, and it still
+        waits for what we return before it reads the next frame.
+        """
         if self._closed:
-            return
+            return None
         try:
             self._handle(message)
         except ProtocolError as exc:
@@ -147,7 +155,8 @@ class UplinkHandler(tornado.websocket.WebSocketHandler):
             self.fatal(f"Internal error in the host ({error_id}): {type(exc).__name__}")
         peer = self.peer
         if peer is not None and peer.unflushed >= MAX_UNFLUSHED_WRITES:
-            await peer.drained()
+            return peer.drained()
+        return None
 
     def _handle(self, message: str | bytes) -> None:
         if isinstance(message, bytes):

@@ -139,6 +139,7 @@ class WebSocketTransport(Transport):
         ws = await tornado.websocket.websocket_connect(
             request, max_message_size=self.max_frame_bytes
         )
+        ws.protocol.set_nodelay(True)  # type: ignore[union-attr] # small frames: never wait on Nagle
         await ws.write_message(protocol.encode(self._hello))
         self._ws = ws
 
