@@ -448,3 +448,19 @@ def test_provider_lost_mid_call_fails_the_caller_at_once(net):
     release.set()
     with pytest.raises(UplinkDisconnectedError):
         caller._result(pending, msg, {})
+
+
+def test_call_async_awaits_network_calls_concurrently(net):
+    started = threading.Barrier(3, timeout=WAIT)
+
+    def add(a, b):
+        started.wait()  # all three calls are in flight at once
+        return a + b
+
+    net.provider(add=add)
+    caller = net.client(KEYS.client_key)
+
+    async def main() -> list[Any]:
+        return await asyncio.gather(*(caller.call_async("add", i, 1) for i in range(3)))
+
+    assert asyncio.run(main()) == [1, 2, 3]
