@@ -20,6 +20,7 @@ import asyncio
 import concurrent.futures
 import contextvars
 import inspect
+import io
 import itertools
 import logging
 import re
@@ -30,7 +31,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from anvil_nb import protocol
+from anvil_nb import _output, protocol
 from anvil_nb.capability import Capability, scope_key
 from anvil_nb.context import CallContext
 from anvil_nb.errors import (
@@ -168,6 +169,8 @@ class CallState:
     session: dict[str, Any]
     session_id: str | None
     capabilities: list[Capability] = field(default_factory=list)
+    #: What the call printed, when the client captures output (kernels do).
+    output: io.StringIO | None = None
 
 
 _current: contextvars.ContextVar[CallState | None] = contextvars.ContextVar(
@@ -210,6 +213,8 @@ class Client:
         self.own_type = "uplink"
         self.app_info: dict[str, Any] = {}
         self.fatal: str | None = None
+        #: Capture what calls print (see :mod:`anvil_nb._output`; kernels turn it on).
+        self.capture_output = False
         self._pending: dict[str, _Pending] = {}
         self._id_prefix = secrets.token_hex(4) + "-"
         self._ids = itertools.count(1)
@@ -314,6 +319,8 @@ class Client:
         trusted = context.remote_caller.is_trusted if context.remote_caller else True
         state = CallState(self, rid, command, context, {}, msg.get("session-id"))
         _current.set(state)
+        if self.capture_output:
+            state.output = _output.start_capture()
         try:
             entry = self.functions.lookup(command)
             if entry is None:
@@ -405,6 +412,7 @@ class Client:
                 duration=time.perf_counter() - started, ok=error is None,
                 error_type=None if error is None else type(error).__name__,
                 error_message=None if error is None else str(error), result=result,
+                output=state.output.getvalue() if state.output is not None else "",
             ))  # fmt: skip
             if error is None and state.session_id:
                 self.events.emit(

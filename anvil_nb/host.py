@@ -71,7 +71,12 @@ MAX_CALL_DEPTH = 10
 Media = Mapping[str, bytes]
 
 _SESSIONLESS = frozenset(
-    {"anvil.private.echo", "anvil.private.get_app_origin", "anvil.private.get_api_origin"}
+    {
+        "anvil.private.echo",
+        "anvil.private.get_app_origin",
+        "anvil.private.get_api_origin",
+        "anvil.private.host_state",
+    }
 )
 
 
@@ -197,6 +202,8 @@ class Host:
             "environment": {"description": "Notebook", "tags": []},
         }
         self.origin = origin
+        #: The client key of the placement, shown to trusted code (``%anvil status``).
+        self.client_key: str | None = None
         self.events = EventBus()
         self.registry: Registry[_PeerState] = Registry()
         self._peers: dict[Peer, _PeerState] = {}
@@ -214,20 +221,29 @@ class Host:
             "anvil.private.get_session_id": lambda _ps, _m, rec: rec.id if rec else None,
             "anvil.private.reset_session": self._reset_session,
             "anvil.private.capability_is_valid": self._capability_is_valid,
+            "anvil.private.host_state": self._host_state,
         }
 
     # -----------------------------------------------------------------------------------------
     # Peers
 
-    def attach(self, peer: Peer) -> None:
-        """Start serving a connection whose handshake succeeded; it gets its own session."""
+    def attach(self, peer: Peer, greet: bool = True) -> None:
+        """Start serving a connection whose handshake succeeded; it gets its own session.
+
+        With *greet*, the peer is sent the ``auth`` message of the uplink protocol (browsers,
+        which have no handshake, are not).
+        """
         trusted = peer.kind in TRUSTED_TYPES
         record = self.sessions.new(client=dict(peer.client))
         frame = {"type": peer.kind, "protocol-version": protocol.PROTOCOL_VERSION}
         self._peers[peer] = _PeerState(peer, trusted, frame, record.id)
-        peer.send(
-            {"auth": "OK", "priv": peer.kind if trusted else "client", "app-info": self.app_info}
-        )
+        if greet:
+            auth = {
+                "auth": "OK",
+                "priv": peer.kind if trusted else "client",
+                "app-info": self.app_info,
+            }
+            peer.send(auth)
         log.info("%s connected as %s", peer.name, peer.kind)
 
     def detach(self, peer: Peer) -> None:
@@ -255,6 +271,25 @@ class Host:
         ps.calls.clear()
         self.sessions.drop(ps.session_id)
         log.info("%s disconnected", peer.name)
+
+    def state(self) -> dict[str, Any]:
+        """A snapshot for ``_/admin/state`` and ``%anvil status``: names, providers and peers."""
+        return {
+            "origin": self.origin,
+            "registrations": {
+                name: [ps.peer.name for ps in providers]
+                for name, providers in self.registry.names().items()
+            },
+            "peers": [
+                {
+                    "name": p.name,
+                    "kind": p.kind,
+                    "ip": p.client.get("ip"),
+                    "calls_in_flight": len(ps.calls),
+                }
+                for p, ps in self._peers.items()
+            ],
+        }
 
     def housekeeping(self) -> list[str]:
         """Remove expired sessions and persist idle clocks; call it every minute or so."""
@@ -635,6 +670,11 @@ class Host:
         self.sessions.drop(rec.id)
         self._emit_session(rec.id, "reset", fresh.id)
         return fresh.id
+
+    def _host_state(self, ps: _PeerState, _msg: dict[str, Any], _rec: SessionRecord | None) -> Any:
+        if not ps.trusted:
+            raise PermissionDenied("Only trusted code may read the host's state")
+        return {**self.state(), "client_key": self.client_key}
 
     def _capability_is_valid(
         self, _ps: _PeerState, msg: dict[str, Any], rec: SessionRecord | None

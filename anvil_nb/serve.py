@@ -79,6 +79,7 @@ async def serve(args: argparse.Namespace) -> int:
             flush=True,
         )
     host = Host(data_dir=data_dir, call_timeout=args.call_timeout)
+    host.client_key = keys.client_key
     app = make_app(host, keys, "/", max_frame_bytes=args.max_frame_bytes)
     sockets = tornado.netutil.bind_sockets(args.port, args.host)
     server = tornado.httpserver.HTTPServer(app, max_body_size=args.max_frame_bytes)

@@ -70,6 +70,28 @@ class HostThread:
         """Run ``fn(*args)`` on the host's thread soon, without waiting."""
         self.loop.call_soon_threadsafe(fn, *args)
 
+    def listen(self, keys: Any, address: str = "127.0.0.1", port: int = 0) -> int:
+        """Serve the host's routes over HTTP on *address* (an ephemeral port by default).
+
+        This is the embedded placement that scripts can reach: uplinks connect to
+        ``ws://address:port/_/uplink`` with *keys*. Returns the port.
+        """
+        import tornado.httpserver  # noqa: PLC0415 - only the embedded listener needs tornado
+        import tornado.netutil  # noqa: PLC0415
+
+        from anvil_nb.app import make_app  # noqa: PLC0415
+
+        def start() -> int:
+            sockets = tornado.netutil.bind_sockets(port, address)
+            self._http = tornado.httpserver.HTTPServer(make_app(self.host, keys))
+            self._http.add_sockets(sockets)
+            bound = sockets[0].getsockname()[1]
+            self.host.origin = f"http://{address}:{bound}"
+            self.host.client_key = keys.client_key
+            return bound
+
+        return self.run(start)
+
     def connect(self, kind: str = "server_module", ip: str = "127.0.0.1") -> InProcessTransport:
         """A transport to this host, connecting as a peer of that caller type."""
         return InProcessTransport(self, kind=kind, ip=ip)
@@ -82,6 +104,9 @@ class HostThread:
             self._thread.join(5)
 
     def _close_all(self) -> None:
+        http = getattr(self, "_http", None)
+        if http is not None:
+            http.stop()
         self.host.close()
 
 

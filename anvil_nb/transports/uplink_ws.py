@@ -30,7 +30,7 @@ from anvil_nb import protocol
 from anvil_nb.errors import ProtocolError
 from anvil_nb.host import Host
 
-__all__ = ["Keys", "UplinkHandler", "WebSocketPeer"]
+__all__ = ["BrowserHandler", "Keys", "UplinkHandler", "WebSocketPeer"]
 
 log = logging.getLogger("anvil_nb.uplink")
 
@@ -118,9 +118,10 @@ class WebSocketPeer:
 class UplinkHandler(tornado.websocket.WebSocketHandler):
     """``_/uplink``: one connection of an uplink (real ``anvil-uplink`` client or anvil_nb's)."""
 
-    def initialize(self, host: Host, keys: Keys) -> None:  # noqa: D102
+    def initialize(self, host: Host, keys: Keys, public: bool = False) -> None:  # noqa: D102
         self.host = host
         self.keys = keys
+        self.public = public
         self.peer: WebSocketPeer | None = None
         self.assembler = protocol.MediaAssembler()
         self._closed = False
@@ -172,6 +173,8 @@ class UplinkHandler(tornado.websocket.WebSocketHandler):
                 return
             if kind == "MEDIA_ERROR":
                 self._media_error(msg)
+                return
+            if msg.get("type") == "LOG" and self.peer.kind == "browser":  # console output: ignored
                 return
             if msg.get("type") == "REGISTER_LIVE_OBJECT_BACKEND":  # refused, as by the App Server
                 raise ProtocolError("Cannot register live-object backends the uplink.")
@@ -225,3 +228,16 @@ class UplinkHandler(tornado.websocket.WebSocketHandler):
         self._closed = True
         if self.peer is not None:
             self.host.detach(self.peer)
+
+
+class BrowserHandler(UplinkHandler):
+    """``_/ws``: a browser's connection. Untrusted; no key and no handshake (PROTOCOL.md §11).
+
+    Where it may be reached from, and by whom, is the placement's decision: standalone it is
+    public; inside Jupyter it needs Jupyter's auth unless ``AnvilNB.public`` is set.
+    """
+
+    def open(self, *args: Any, **kwargs: Any) -> None:  # noqa: D102, ARG002
+        super().open()
+        self.peer = WebSocketPeer(self, "browser", self.request.remote_ip)
+        self.host.attach(self.peer, greet=False)

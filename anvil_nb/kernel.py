@@ -1,0 +1,152 @@
+"""The kernel side: how ``%load_ext anvil_nb`` joins a host, and what ``%anvil status`` shows.
+
+:func:`join` connects this process to a host as a trusted ``server_module``:
+
+* the host named by ``ANVIL_NB_URL`` and ``ANVIL_NB_SERVER_KEY`` (set by the Jupyter server
+  extension for the kernels its server starts), or by ``%anvil connect URL KEY``;
+* otherwise an embedded host, started in this process on 127.0.0.1 and an ephemeral port with
+  fresh keys, so that scripts can reach the kernel's functions. This is what happens under plain
+  IPython, nbclient and nbval.
+
+The connection has its own I/O thread and serves calls on a worker pool, so a cell that blocks
+(in ``server.call`` or anywhere else) does not stop the kernel from serving. What a function
+prints while serving a call is captured for that call (see :mod:`anvil_nb._output`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from anvil_nb import _output, _runtime, portable
+from anvil_nb.client import Client, functions
+from anvil_nb.errors import AppOfflineError
+
+__all__ = ["ENV_KEY", "ENV_URL", "format_status", "join", "leave", "status"]
+
+log = logging.getLogger("anvil_nb.kernel")
+
+ENV_URL = "ANVIL_NB_URL"
+ENV_KEY = "ANVIL_NB_SERVER_KEY"
+
+# Portable classes anvil_nb itself registers; not shown as the kernel's own.
+_BUILTIN_CLASSES = frozenset({"anvil.server._LoadAppResponse"})
+
+
+@dataclass
+class Joined:
+    """Where this kernel is connected."""
+
+    url: str
+    server_key: str
+    client_key: str | None
+    embedded: bool
+    client: Client
+
+
+_joined: Joined | None = None
+
+
+def join(url: str | None = None, key: str | None = None) -> Joined:
+    """Connect this kernel to a host (see the module docstring) and make it the default."""
+    global _joined
+    leave()
+    from_env = url is None
+    if from_env:
+        url, key = os.environ.get(ENV_URL), os.environ.get(ENV_KEY)
+    joined = None
+    if url and key:
+        try:
+            joined = _join_remote(url, key)
+        except AppOfflineError as exc:
+            if not from_env:
+                raise
+            log.warning(
+                "anvil_nb: cannot reach the host at %s (%s); starting one in this kernel", url, exc
+            )
+    if joined is None:
+        joined = _join_embedded()
+    joined.client.capture_output = True
+    _output.install()
+    _runtime.set_client(joined.client)
+    _joined = joined
+    return joined
+
+
+def _join_remote(url: str, key: str) -> Joined:
+    from anvil_nb.transports.websocket import WebSocketTransport  # noqa: PLC0415 - loads tornado
+
+    client = Client(WebSocketTransport(url, key, kind="server_module")).start()
+    try:
+        client_key = client.call("anvil.private.host_state").get("client_key")
+    except Exception:  # an older host, or one that keeps its keys to itself
+        client_key = None
+    return Joined(url, key, client_key, embedded=False, client=client)
+
+
+def _join_embedded() -> Joined:
+    from anvil_nb.transports.uplink_ws import Keys  # noqa: PLC0415 - loads tornado
+
+    ht = _runtime.embedded_host()
+    keys = Keys.generate()
+    port = ht.listen(keys)
+    client = Client(ht.connect("server_module")).start()
+    return Joined(
+        f"ws://127.0.0.1:{port}/_/uplink",
+        keys.server_key,
+        keys.client_key,
+        embedded=True,
+        client=client,
+    )
+
+
+def leave() -> None:
+    """Disconnect this kernel (its registrations vanish from the host) and stop an embedded host."""
+    global _joined
+    if _joined is not None:
+        _joined = None
+        _runtime.disconnect()
+        _output.uninstall()
+
+
+def status() -> dict[str, Any]:
+    """Where this kernel is connected, its keys, what it serves, and who else is connected."""
+    if _joined is None:
+        return {"connected": False, "functions": functions.names()}
+    peers: list[dict[str, Any]] = []
+    try:
+        peers = _joined.client.call("anvil.private.host_state").get("peers", [])
+    except Exception as exc:  # the host went away: say so rather than fail the status
+        log.warning("anvil_nb: could not read the host's state: %s", exc)
+    return {
+        "connected": _joined.client.connected,
+        "url": _joined.url,
+        "embedded": _joined.embedded,
+        "client_key": _joined.client_key,
+        "server_key": _joined.server_key,
+        "functions": sorted(functions.names()),
+        "classes": sorted(set(portable.registered_names()) - _BUILTIN_CLASSES),
+        "peers": peers,
+    }
+
+
+def format_status(show_server_key: bool = False) -> str:
+    """``%anvil status`` as text."""
+    s = status()
+    if "url" not in s:
+        return "anvil_nb: not connected (run %load_ext anvil_nb)"
+    where = "embedded host in this kernel" if s["embedded"] else "host"
+    lines = [
+        f"anvil_nb: {'connected to' if s['connected'] else 'DISCONNECTED from'} {where} at {s['url']}",
+        f"  client key:   {s['client_key'] or '(not known here)'}",
+    ]
+    if show_server_key:
+        lines.append(f"  server key:   {s['server_key']}")
+    lines.append(f"  functions:    {', '.join(s['functions']) or '(none)'}")
+    lines.append(f"  classes:      {', '.join(s['classes']) or '(none)'}")
+    others = [p for p in s["peers"]]
+    lines.append(f"  connections:  {len(others)}")
+    lines.extend(f"    {p['name']:<24} {p['kind']:<14} {p.get('ip') or ''}" for p in others)
+    return "\n".join(lines)

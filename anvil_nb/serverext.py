@@ -1,0 +1,159 @@
+"""The Jupyter server extension ``anvil_nb``: a host inside ``jupyter server`` / ``jupyter lab``.
+
+It mounts the host's routes (see :mod:`anvil_nb.app`) under ``{base_url}anvil/`` on the
+server's own tornado application and event loop. Who may use each route:
+
+* ``_/uplink``: the uplink key alone (no Jupyter token), any Origin, as DESIGN.md decides;
+* ``_/admin/state``: Jupyter's own authentication;
+* ``_/ws`` and ``_/api/...``: Jupyter's authentication unless ``c.AnvilNB.public = True``.
+
+Once the server has started, ``ANVIL_NB_URL`` and ``ANVIL_NB_SERVER_KEY`` are put into the
+server's environment, which the kernels it starts inherit: ``%load_ext anvil_nb`` in such a
+kernel joins this host.
+
+Configuration (``jupyter_server_config.py`` or the command line)::
+
+    c.AnvilNB.server_key = "..."   # default: generated once and kept in data_dir/keys.json
+    c.AnvilNB.client_key = "..."
+    c.AnvilNB.data_dir = "..."     # sessions, MAC key and keys; default: the user data dir
+    c.AnvilNB.public = False       # let browsers and HTTP clients in without Jupyter auth
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from jupyter_server.base.handlers import APIHandler, JupyterHandler
+from jupyter_server.extension.application import ExtensionApp
+from tornado import web
+from traitlets import Bool, Unicode, default
+
+from anvil_nb.app import Handlers, routes
+from anvil_nb.handlers import ApiHandler, admin_state
+from anvil_nb.host import Host
+from anvil_nb.serve import default_data_dir, load_keys
+from anvil_nb.transports.uplink_ws import BrowserHandler
+
+__all__ = ["AnvilNB"]
+
+#: Where the host is mounted, below the server's base_url.
+PREFIX = "anvil/"
+
+
+class _JupyterAuth(JupyterHandler):
+    """Jupyter's authentication in front of a route, unless the extension is public."""
+
+    def _require_user(self) -> None:
+        if not self.public and self.current_user is None:
+            raise web.HTTPError(403, "Jupyter authentication is required (or set c.AnvilNB.public)")
+
+
+class JupyterBrowserHandler(BrowserHandler, _JupyterAuth):
+    """``_/ws`` inside Jupyter: Jupyter's auth and Origin rules, then the browser protocol."""
+
+    check_origin = JupyterHandler.check_origin  # type: ignore[assignment]
+
+    async def get(self, *args: Any, **kwargs: Any) -> None:
+        self._require_user()
+        await super().get(*args, **kwargs)
+
+
+class JupyterApiHandler(ApiHandler, _JupyterAuth):
+    """``_/api/<path>`` inside Jupyter."""
+
+    async def prepare(self) -> None:
+        await super().prepare()
+        self._require_user()
+
+
+class JupyterAdminStateHandler(APIHandler):
+    """``_/admin/state`` inside Jupyter: always behind Jupyter's authentication."""
+
+    def initialize(self, host: Host, keys: Any, public: bool = False) -> None:  # noqa: ARG002
+        self.host = host
+        self.keys = keys
+
+    @web.authenticated
+    def get(self) -> None:
+        self.finish(admin_state(self.host, self.keys))
+
+
+class AnvilNB(ExtensionApp):
+    """Serve Anvil-style server functions from this Jupyter server."""
+
+    name = "anvil_nb"
+    description = "Anvil-style server functions, served from Jupyter."
+    load_other_extensions = True
+
+    server_key = Unicode(
+        "",
+        help=(
+            "The uplink key that admits trusted uplinks (and the kernels of this server). Empty: "
+            "use the one kept in data_dir/keys.json, generating it the first time."
+        ),
+    ).tag(config=True)
+    client_key = Unicode(
+        "",
+        help=(
+            "The uplink key that admits untrusted uplinks (scripts acting as clients). Empty: "
+            "use the one kept in data_dir/keys.json, generating it the first time."
+        ),
+    ).tag(config=True)
+    data_dir = Unicode(
+        help="The folder for sessions, the capability MAC key and generated uplink keys."
+    ).tag(config=True)
+    public = Bool(
+        False,
+        help=(
+            "Let browsers (_/ws) and HTTP clients (_/api/...) in without Jupyter authentication, "
+            "as an Anvil app's users would be. The uplink route always uses the uplink keys."
+        ),
+    ).tag(config=True)
+
+    @default("data_dir")
+    def _default_data_dir(self) -> str:
+        return str(default_data_dir())
+
+    def initialize_settings(self) -> None:
+        """Create the host (on the server's loop) and load the keys."""
+        data_dir = Path(self.data_dir)
+        self.keys, generated = load_keys(data_dir, self.server_key or None, self.client_key or None)
+        if generated:
+            self.log.info("anvil_nb: generated uplink keys, kept in %s", data_dir / "keys.json")
+        self.host = Host(data_dir=data_dir)
+        self.host.client_key = self.keys.client_key
+        self.settings["anvil_nb_host"] = self.host
+
+    def initialize_handlers(self) -> None:
+        """Mount the routes under ``{base_url}anvil/`` (the server prepends base_url)."""
+        handlers = Handlers(
+            browser=JupyterBrowserHandler,
+            api=JupyterApiHandler,
+            admin_state=JupyterAdminStateHandler,
+        )
+        self.handlers.extend(routes(self.host, self.keys, PREFIX, handlers, public=self.public))
+
+    def uplink_url(self) -> str:
+        """The URL kernels and scripts on this machine use to reach the uplink route."""
+        app = self.serverapp
+        scheme = "wss" if app.certfile else "ws"
+        local = ("", "localhost", "0.0.0.0", "::", "*")  # reach them over IPv4 loopback
+        ip = "127.0.0.1" if app.ip in local else app.ip
+        ip = f"[{ip}]" if ":" in ip else ip
+        return f"{scheme}://{ip}:{app.port}{app.base_url}{PREFIX}_/uplink"
+
+    async def _start_jupyter_server_extension(self, serverapp: Any) -> None:  # noqa: ARG002
+        """Tell the kernels this server starts where the host is (the port is known now)."""
+        http_url = self.uplink_url().replace("ws", "http", 1)
+        self.host.origin = http_url.removesuffix("/_/uplink")
+        os.environ["ANVIL_NB_URL"] = self.uplink_url()
+        os.environ["ANVIL_NB_SERVER_KEY"] = self.keys.server_key
+        self.log.info("anvil_nb: host ready; uplinks connect to %s", self.uplink_url())
+
+    async def stop_extension(self) -> None:
+        """Stop the host with the server: calls in flight fail, connections close."""
+        self.host.close()
+        for name in ("ANVIL_NB_URL", "ANVIL_NB_SERVER_KEY"):
+            os.environ.pop(name, None)
