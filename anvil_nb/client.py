@@ -272,8 +272,8 @@ class Client:
         if not self._connected:
             return
         self.transport.send({"type": "REGISTER" if added else "UNREGISTER", "name": name})
-        if added and current_call() is None:
-            self.sync()  # callable as soon as the registration returns
+        if current_call() is None:
+            self.sync()  # in effect on the host as soon as the registration call returns
 
     # -- incoming ------------------------------------------------------------------------------
     def _on_message(self, msg: dict[str, Any], media: Mapping[str, bytes]) -> None:

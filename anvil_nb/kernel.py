@@ -52,7 +52,6 @@ _joined: Joined | None = None
 def join(url: str | None = None, key: str | None = None) -> Joined:
     """Connect this kernel to a host (see the module docstring) and make it the default."""
     global _joined
-    leave()
     from_env = url is None
     if from_env:
         url, key = os.environ.get(ENV_URL), os.environ.get(ENV_KEY)
@@ -67,7 +66,14 @@ def join(url: str | None = None, key: str | None = None) -> Joined:
                 "anvil_nb: cannot reach the host at %s (%s); starting one in this kernel", url, exc
             )
     if joined is None:
+        leave()  # the embedded host of this process is replaced by a new one
         joined = _join_embedded()
+    elif _joined is not None:
+        leave_quietly = _joined  # connected to the new host first: now let the old one go
+        _joined = None
+        _runtime.set_client(None)
+        if leave_quietly.embedded:
+            _runtime.disconnect()
     joined.client.capture_output = True
     _output.install()
     _runtime.set_client(joined.client)

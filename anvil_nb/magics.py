@@ -21,6 +21,7 @@ from IPython.core.magic_arguments import argument, magic_arguments, parse_argstr
 
 from anvil_nb import kernel, portable
 from anvil_nb.client import functions
+from anvil_nb.errors import AnvilError
 
 __all__ = ["AnvilMagics", "load", "unload"]
 
@@ -31,9 +32,8 @@ class _CellRegistrations:
     classes: list[str] = field(default_factory=list)
 
 
-def top_level_definitions(source: str) -> tuple[list[str], list[str]]:
+def top_level_definitions(tree: ast.Module) -> tuple[list[str], list[str]]:
     """The names of the functions and classes a cell defines at top level."""
-    tree = ast.parse(source)
     fns = [n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
     classes = [n.name for n in tree.body if isinstance(n, ast.ClassDef)]
     return fns, classes
@@ -46,6 +46,7 @@ class AnvilMagics(Magics):
     def __init__(self, shell: Any):
         super().__init__(shell)
         self._cells: dict[Any, _CellRegistrations] = {}
+        self._owner: dict[str, Any] = {}  # name -> the cell that registered it last
         self._cell_id: str | None = None
         shell.events.register("pre_run_cell", self._pre_run_cell)
 
@@ -56,33 +57,40 @@ class AnvilMagics(Magics):
     @argument("--name", help="register the cell's single function under this name")
     @argument("--require-user", action="store_true", help="refuse calls when no user is logged in")
     @cell_magic
-    def callable(self, line: str, cell: str) -> None:
+    def callable(self, line: str, cell: str) -> Any:
         """Run the cell, then serve its functions and make its classes portable."""
         __tracebackhide__ = True  # the user's traceback, not ours
         args = parse_argstring(self.callable, line)
-        filename = self.shell.compile.cache(cell, self.shell.execution_count)
-        code = self.shell.compile(cell, filename, "exec")  # a SyntaxError names the cell
-        fns, classes = top_level_definitions(cell)
+        filename = self.shell.compile.cache(cell, self._cell_number())
+        try:
+            tree = compile(cell, filename, "exec", ast.PyCF_ONLY_AST)
+        except SyntaxError as exc:
+            raise exc.with_traceback(None) from None  # shown like a normal cell's
+        fns, classes = top_level_definitions(tree)
         if args.name and len(fns) != 1:
             raise UsageError(
                 f"%%callable --name needs exactly one function in the cell; it defines {len(fns)}"
             )
-        exec(code, self.shell.user_ns)
-        self._register(
-            fns,
-            classes,
-            args.name,
-            bool(args.require_user),
-            cell_key=self._cell_id or (args.name, *fns, *classes),
-        )
+        # Like a normal cell, the value of a last expression is the cell's output.
+        last = tree.body.pop() if tree.body and isinstance(tree.body[-1], ast.Expr) else None
+        ns = self.shell.user_ns
+        exec(self.shell.compile(tree, filename, "exec"), ns)
+        value = None
+        if last is not None:
+            value = eval(self.shell.compile(ast.Expression(last.value), filename, "eval"), ns)
+        key = self._cell_id or (args.name, *fns, *classes)
+        self._register(fns, classes, args.name, bool(args.require_user), key)
+        return value
+
+    def _cell_number(self) -> int:
+        """The number of the running cell (IPython versions differ in when they count)."""
+        history = getattr(self.shell, "history_manager", None)
+        if history is not None and history.input_hist_raw:
+            return len(history.input_hist_raw) - 1
+        return self.shell.execution_count
 
     def _register(
-        self,
-        fns: list[str],
-        classes: list[str],
-        name: str | None,
-        require_user: bool,
-        cell_key: Any,
+        self, fns: list[str], classes: list[str], name: str | None, require_user: bool, key: Any
     ) -> None:
         ns = self.shell.user_ns
         now = _CellRegistrations()
@@ -94,13 +102,20 @@ class AnvilMagics(Magics):
             registered = name or fn_name
             functions.register(registered, ns[fn_name], require_user=require_user or None)
             now.functions.append(registered)
-        before = self._cells.get(cell_key)
+        before = self._cells.get(key)
         if before is not None:
+            # Withdraw what this cell no longer defines, unless another cell has taken it over.
             for gone in set(before.functions) - set(now.functions):
-                functions.unregister(gone)
+                if self._owner.get(gone) == key:
+                    functions.unregister(gone)
+                    del self._owner[gone]
             for gone in set(before.classes) - set(now.classes):
-                portable.unregister(gone)
-        self._cells[cell_key] = now
+                if self._owner.get(gone) == key:
+                    portable.unregister(gone)
+                    del self._owner[gone]
+        for registered in (*now.functions, *now.classes):
+            self._owner[registered] = key
+        self._cells[key] = now
 
     @magic_arguments()
     @argument("command", nargs="?", default="status", choices=["status", "connect", "dashboard"])
@@ -116,7 +131,10 @@ class AnvilMagics(Magics):
         if args.command == "connect":
             if len(args.args) != 2:
                 raise UsageError("usage: %anvil connect URL KEY")
-            kernel.join(*args.args)
+            try:
+                kernel.join(*args.args)
+            except AnvilError as exc:  # the current connection stays as it was
+                raise UsageError(f"%anvil connect: {exc}") from exc
             print(kernel.format_status())
             return None
         try:
