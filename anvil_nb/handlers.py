@@ -16,7 +16,7 @@ import tornado.web
 from anvil_nb.host import Host
 from anvil_nb.transports.uplink_ws import Keys
 
-__all__ = ["AdminStateHandler", "ApiHandler", "admin_state"]
+__all__ = ["AdminStateHandler", "ApiHandler", "admin_state", "no_endpoint"]
 
 
 def admin_state(host: Host, keys: Keys) -> dict[str, Any]:
@@ -36,11 +36,16 @@ class _Base(tornado.web.RequestHandler):
         self.finish(orjson.dumps(body))
 
 
+def no_endpoint(path: str) -> dict[str, str]:
+    """The body of a 404 from ``_/api/...`` (as the App Server words it)."""
+    return {"error": "No matching API endpoint", "path": "/" + path}
+
+
 class ApiHandler(_Base):
     """``_/api/<path>``: HTTP endpoints. None are served yet, so every path is a 404."""
 
     def _no_endpoint(self, path: str) -> None:
-        self.write_json(404, {"error": "No matching API endpoint", "path": "/" + path})
+        self.write_json(404, no_endpoint(path))
 
     get = post = put = delete = patch = head = _no_endpoint  # type: ignore[assignment]
 

@@ -25,16 +25,18 @@ import os
 from pathlib import Path
 from typing import Any
 
+from jupyter_server.auth.decorator import allow_unauthenticated
 from jupyter_server.base.handlers import APIHandler, JupyterHandler
 from jupyter_server.extension.application import ExtensionApp
 from tornado import web
 from traitlets import Bool, Unicode, default
 
 from anvil_nb.app import Handlers, routes
-from anvil_nb.handlers import ApiHandler, admin_state
+from anvil_nb.handlers import admin_state, no_endpoint
 from anvil_nb.host import Host
+from anvil_nb.protocol import DEFAULT_MAX_FRAME_BYTES
 from anvil_nb.serve import default_data_dir, load_keys
-from anvil_nb.transports.uplink_ws import BrowserHandler
+from anvil_nb.transports.uplink_ws import BrowserHandler, UplinkHandler
 
 __all__ = ["AnvilNB"]
 
@@ -42,30 +44,60 @@ __all__ = ["AnvilNB"]
 PREFIX = "anvil/"
 
 
-class _JupyterAuth(JupyterHandler):
-    """Jupyter's authentication in front of a route, unless the extension is public."""
-
-    def _require_user(self) -> None:
-        if not self.public and self.current_user is None:
-            raise web.HTTPError(403, "Jupyter authentication is required (or set c.AnvilNB.public)")
+def _require_user(handler: Any) -> None:
+    """Refuse (403) a request without a Jupyter user, unless the extension is public."""
+    if not handler.public and handler.current_user is None:
+        raise web.HTTPError(403, "Jupyter authentication is required (or set c.AnvilNB.public)")
 
 
-class JupyterBrowserHandler(BrowserHandler, _JupyterAuth):
+class _JupyterWebSocket:
+    """What Jupyter's application does not set for WebSockets: the frame limit and pings.
+
+    (These shadow tornado's properties, which read the application-wide settings.)
+    """
+
+    max_message_size = DEFAULT_MAX_FRAME_BYTES
+    ping_interval = 25
+    ping_timeout = 25
+
+
+class JupyterUplinkHandler(_JupyterWebSocket, UplinkHandler):
+    """``_/uplink`` inside Jupyter: the uplink key authenticates, not Jupyter (DESIGN.md)."""
+
+    @allow_unauthenticated
+    async def get(self, *args: Any, **kwargs: Any) -> None:
+        await super().get(*args, **kwargs)
+
+
+class JupyterBrowserHandler(_JupyterWebSocket, BrowserHandler, JupyterHandler):
     """``_/ws`` inside Jupyter: Jupyter's auth and Origin rules, then the browser protocol."""
 
     check_origin = JupyterHandler.check_origin  # type: ignore[assignment]
 
+    @allow_unauthenticated  # public, or a Jupyter user: checked here
     async def get(self, *args: Any, **kwargs: Any) -> None:
-        self._require_user()
+        _require_user(self)
         await super().get(*args, **kwargs)
 
 
-class JupyterApiHandler(ApiHandler, _JupyterAuth):
-    """``_/api/<path>`` inside Jupyter."""
+class JupyterApiHandler(APIHandler):
+    """``_/api/<path>`` inside Jupyter: JSON answers and errors, Jupyter's auth unless public."""
 
-    async def prepare(self) -> None:
-        await super().prepare()
-        self._require_user()
+    def initialize(self, host: Host, keys: Any, public: bool = False) -> None:  # noqa: ARG002
+        self.host = host
+        self.public = public
+
+    def check_xsrf_cookie(self) -> None:
+        if not self.public:  # public endpoints are called by clients with no Jupyter cookie
+            super().check_xsrf_cookie()
+
+    @allow_unauthenticated
+    def _endpoint(self, path: str) -> None:
+        _require_user(self)
+        self.set_status(404)
+        self.finish(no_endpoint(path))
+
+    get = post = put = delete = patch = head = _endpoint  # type: ignore[assignment]
 
 
 class JupyterAdminStateHandler(APIHandler):
@@ -129,6 +161,7 @@ class AnvilNB(ExtensionApp):
     def initialize_handlers(self) -> None:
         """Mount the routes under ``{base_url}anvil/`` (the server prepends base_url)."""
         handlers = Handlers(
+            uplink=JupyterUplinkHandler,
             browser=JupyterBrowserHandler,
             api=JupyterApiHandler,
             admin_state=JupyterAdminStateHandler,

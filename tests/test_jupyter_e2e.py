@@ -1,0 +1,317 @@
+"""End to end: a real ``jupyter server`` process, a real kernel, and a script calling into it.
+
+The server runs as a subprocess with a token and the base URL ``/jh/user/`` (as behind
+JupyterHub), and nothing anvil_nb-specific on its command line but the data dir: the extension
+is enabled by the jupyter-config file that installing anvil_nb put into the environment. A
+kernel started through the REST API runs ``%load_ext anvil_nb`` and a ``%%callable`` cell over
+the kernel WebSocket (Jupyter messaging protocol v5); anvil_nb's own client, holding the client
+key that ``_/admin/state`` gives the token's holder, calls the function through the server's
+``anvil/_/uplink`` route. Deleting the kernel withdraws its function at once.
+
+Every wait is bounded: polls run against a deadline, never a fixed sleep.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterator
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import pytest
+import websocket  # websocket-client, a dependency of jupyter_server
+
+from anvil_nb.client import Client, FunctionRegistry
+from anvil_nb.errors import NoServerFunctionError
+from anvil_nb.transports.websocket import WebSocketTransport
+
+BASE_URL = "/jh/user/"
+START_WAIT = 30.0
+WAIT = 15.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
+    """Poll *predicate* until it returns something truthy; fail after *timeout* seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.05)  # poll interval, not a synchronisation
+
+
+class JupyterServer:
+    """``jupyter server`` as a subprocess, reached over HTTP with its token."""
+
+    def __init__(self, tmp_path: Path):
+        self.port = free_port()
+        self.token = secrets.token_hex(16)
+        self.base = f"http://127.0.0.1:{self.port}{BASE_URL}"
+        self.data_dir = tmp_path / "anvil_data"
+        root = tmp_path / "root"
+        root.mkdir()
+        jupyter = tmp_path / "jupyter"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("ANVIL_NB_")}
+        env.update(
+            JUPYTER_CONFIG_DIR=str(jupyter / "config"),  # no user config leaks in
+            JUPYTER_RUNTIME_DIR=str(jupyter / "runtime"),
+            JUPYTER_PLATFORM_DIRS="1",
+        )
+        self.log_path = tmp_path / "jupyter-server.log"
+        self._log = self.log_path.open("wb")
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "jupyter",
+                "server",
+                "--no-browser",
+                "--allow-root",
+                "--ServerApp.ip=127.0.0.1",
+                f"--ServerApp.port={self.port}",
+                "--ServerApp.port_retries=0",
+                f"--IdentityProvider.token={self.token}",
+                f"--ServerApp.base_url={BASE_URL}",
+                f"--ServerApp.root_dir={root}",
+                f"--AnvilNB.data_dir={self.data_dir}",
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+        try:
+            wait_until(self._ready, START_WAIT, "jupyter server to answer api/status")
+        except BaseException:
+            self.stop()
+            raise
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-4000:]
+
+    def _ready(self) -> bool:
+        if self.proc.poll() is not None:
+            raise AssertionError(
+                f"jupyter server exited with {self.proc.returncode}:\n{self.log()}"
+            )
+        try:
+            return self.request("GET", "api/status")[0] == 200
+        except (urllib.error.URLError, ConnectionError):
+            return False
+
+    def request(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+        """An authenticated REST call; returns the status and the decoded JSON body (or None)."""
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(
+            self.base + path,
+            data=data,
+            method=method,
+            headers={"Authorization": f"token {self.token}", "Content-Type": "application/json"},
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=WAIT) as response:
+                raw = response.read()
+                return response.status, json.loads(raw) if raw else None
+        except urllib.error.HTTPError as err:
+            raw = err.read()
+            return err.code, raw.decode(errors="replace")
+
+    def anvil_state(self) -> dict[str, Any]:
+        status, state = self.request("GET", "anvil/_/admin/state")
+        assert status == 200, (status, state)
+        return state
+
+    def stop(self) -> int | None:
+        """SIGTERM, a bounded wait, then SIGKILL; returns the exit status (None if killed)."""
+        code: int | None = None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                code = self.proc.wait(WAIT)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(WAIT)
+        else:
+            code = self.proc.returncode
+        self._log.close()
+        return code
+
+
+class KernelChannel:
+    """The kernel's ``channels`` WebSocket, with a minimal execute (messaging protocol v5)."""
+
+    def __init__(self, server: JupyterServer, kernel_id: str):
+        url = (
+            f"ws://127.0.0.1:{server.port}{BASE_URL}api/kernels/{kernel_id}/channels"
+            f"?token={server.token}"
+        )
+        self.ws = websocket.create_connection(url, timeout=WAIT)
+        self.session = uuid.uuid4().hex
+
+    def execute(self, code: str, timeout: float = WAIT) -> tuple[dict[str, Any], list[dict]]:
+        """Run *code*; return the ``execute_reply`` content and the iopub outputs."""
+        msg_id = uuid.uuid4().hex
+        self.ws.send(
+            json.dumps(
+                {
+                    "header": {
+                        "msg_id": msg_id,
+                        "msg_type": "execute_request",
+                        "username": "test",
+                        "session": self.session,
+                        "date": datetime.now(timezone.utc).isoformat(),
+                        "version": "5.3",
+                    },
+                    "parent_header": {},
+                    "metadata": {},
+                    "content": {
+                        "code": code,
+                        "silent": False,
+                        "store_history": True,
+                        "user_expressions": {},
+                        "allow_stdin": False,
+                        "stop_on_error": True,
+                    },
+                    "channel": "shell",
+                    "buffers": [],
+                }
+            )
+        )
+        reply: dict[str, Any] | None = None
+        idle = False
+        outputs: list[dict] = []
+        deadline = time.monotonic() + timeout
+        while reply is None or not idle:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(f"no reply within {timeout} s to {code!r}; got {outputs}")
+            self.ws.settimeout(remaining)
+            frame = self.ws.recv()
+            if not isinstance(frame, str):
+                continue  # binary frames carry buffers; nothing here sends any
+            msg = json.loads(frame)
+            if msg.get("parent_header", {}).get("msg_id") != msg_id:
+                continue
+            kind = msg["header"]["msg_type"]
+            if kind == "execute_reply":
+                reply = msg["content"]
+            elif kind == "status":
+                idle = msg["content"]["execution_state"] == "idle"
+            elif kind in ("stream", "error", "execute_result", "display_data"):
+                outputs.append(msg["content"])
+        return reply, outputs
+
+    def run(self, code: str) -> list[dict]:
+        """Execute *code* and require it to succeed; return its outputs."""
+        reply, outputs = self.execute(code)
+        assert reply["status"] == "ok", (code, reply, outputs)
+        return outputs
+
+    def close(self) -> None:
+        self.ws.close()
+
+
+def text_of(outputs: list[dict]) -> str:
+    return "".join(o.get("text", "") for o in outputs)
+
+
+@pytest.fixture
+def jupyter(tmp_path: Path) -> Iterator[JupyterServer]:
+    server = JupyterServer(tmp_path)
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def closing() -> Iterator[list[Any]]:
+    """Things with ``close()`` to close at the end, last opened first."""
+    things: list[Any] = []
+    yield things
+    for thing in reversed(things):
+        thing.close()
+
+
+def test_a_kernel_function_is_called_through_the_jupyter_server(
+    jupyter: JupyterServer, closing: list[Any]
+):
+    uplink_url = f"ws://127.0.0.1:{jupyter.port}{BASE_URL}anvil/_/uplink"
+
+    status, kernel = jupyter.request("POST", "api/kernels", {"name": "python3"})
+    assert status == 201, (status, kernel)
+    kernel_id = kernel["id"]
+    channel = KernelChannel(jupyter, kernel_id)
+    closing.append(channel)
+
+    # the kernel inherited where the host is
+    out = channel.run("import os; print(os.environ['ANVIL_NB_URL'])")
+    assert text_of(out).strip() == uplink_url, jupyter.log()
+
+    channel.run("%load_ext anvil_nb")
+    channel.run('%%callable\ndef greet(name):\n    return "hi " + name')
+
+    # the kernel joined the server's host (not an embedded one) and its function is there
+    state = jupyter.anvil_state()
+    assert "greet" in state["registrations"], state
+    (provider_name,) = state["registrations"]["greet"]
+    kernels = [p for p in state["peers"] if p["kind"] == "server_module"]
+    assert [p["name"] for p in kernels] == [provider_name], state
+
+    client_key = (
+        state.get("client_key")
+        or json.loads((jupyter.data_dir / "keys.json").read_text())["client_key"]
+    )
+    caller = Client(
+        WebSocketTransport(uplink_url, client_key, reconnect=False), functions=FunctionRegistry()
+    ).start(WAIT)
+    closing.append(caller)
+    assert caller.call("greet", "ann") == "hi ann"
+
+    channel.close()
+    status, _ = jupyter.request("DELETE", f"api/kernels/{kernel_id}")
+    assert status == 204
+
+    wait_until(
+        lambda: "greet" not in jupyter.anvil_state()["registrations"],
+        5.0,
+        "the deleted kernel's registration to go",
+    )
+    assert not [p for p in jupyter.anvil_state()["peers"] if p["kind"] == "server_module"]
+    with pytest.raises(NoServerFunctionError):
+        caller.call("greet", "ann")
+    caller.close()
+
+    assert jupyter.stop() == 0, f"jupyter server did not stop cleanly on SIGTERM:\n{jupyter.log()}"
+
+
+def test_the_installed_config_enables_the_extension():
+    result = subprocess.run(
+        [sys.executable, "-m", "jupyter", "server", "extension", "list"],
+        capture_output=True,
+        text=True,
+        timeout=WAIT,
+        env={**os.environ, "JUPYTER_PLATFORM_DIRS": "1"},
+        check=False,
+    )
+    output = result.stdout + result.stderr
+    lines = [line for line in output.splitlines() if "anvil_nb" in line]
+    assert any("enabled" in line for line in lines), output
+    assert any("OK" in line for line in lines), output  # "anvil_nb <version> OK": it imports
