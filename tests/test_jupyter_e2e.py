@@ -31,6 +31,7 @@ from typing import Any
 
 import pytest
 import websocket  # websocket-client, a dependency of jupyter_server
+from test_uplink_real import _install_anvil_uplink
 
 from anvil_nb.client import Client, FunctionRegistry
 from anvil_nb.errors import NoServerFunctionError
@@ -284,6 +285,24 @@ def test_a_kernel_function_is_called_through_the_jupyter_server(
     ).start(WAIT)
     closing.append(caller)
     assert caller.call("greet", "ann") == "hi ann"
+
+    # An unmodified anvil-uplink script, with the client key, through the Jupyter server.
+    script = (
+        "import anvil.server\n"
+        f"anvil.server.connect({client_key!r}, url={uplink_url!r}, quiet=True)\n"
+        "print('REAL:', anvil.server.call('greet', 'bob'), flush=True)\n"
+        "anvil.server.disconnect()\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(_install_anvil_uplink())}
+    real = subprocess.run(
+        [sys.executable, "-c", script],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert "REAL: hi bob" in real.stdout.splitlines(), (real.stdout, real.stderr)
 
     channel.close()
     status, _ = jupyter.request("DELETE", f"api/kernels/{kernel_id}")
