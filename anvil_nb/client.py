@@ -43,8 +43,17 @@ from anvil_nb.errors import (
     UplinkDisconnectedError,
     error_from_wire,
     error_to_wire,
+    trace_of,
 )
-from anvil_nb.events import CallFinished, CallStarted, EventBus, SessionChanged
+from anvil_nb.events import (
+    CallFinished,
+    CallStarted,
+    CapabilityUpdated,
+    EventBus,
+    RegistrationChanged,
+    RegistrySnapshot,
+    SessionChanged,
+)
 from anvil_nb.serialise import deserialise, serialise
 from anvil_nb.transports.base import Transport
 
@@ -188,7 +197,7 @@ def current_call() -> CallState | None:
 
 
 class _Pending(concurrent.futures.Future):  # type: ignore[type-arg]
-    __slots__ = ("caps", "state")
+    __slots__ = ("call_id", "caps", "command", "started", "state", "watched")
 
 
 class Client:
@@ -213,6 +222,7 @@ class Client:
         self.own_type = "uplink"
         self.app_info: dict[str, Any] = {}
         self.fatal: str | None = None
+        self._watching = False
         #: Capture what calls print (see :mod:`anvil_nb._output`; kernels turn it on).
         self.capture_output = False
         self._pending: dict[str, _Pending] = {}
@@ -294,6 +304,15 @@ class Client:
                 self._connected = True
                 for name in self.functions.names():
                     self.transport.send({"type": "REGISTER", "name": name})
+                if self._watching:  # and watch again; the answer is the registry as it is now
+                    pending = self.send_call("anvil.private.watch_registry", [], {})
+                    pending.add_done_callback(
+                        lambda f: (
+                            None
+                            if f.exception()
+                            else self._emit_snapshot(f.result()[0].get("response"))
+                        )
+                    )
             self._authed.set()
         elif kind == "fatal":
             self.fatal = str(msg.get("error"))
@@ -301,6 +320,12 @@ class Client:
             self._authed.set()
         elif kind == "output":
             log.info("Anvil server output: %s", msg.get("output"))
+        elif kind == "EVENT":  # pushed by the host after anvil.private.watch_registry
+            event = msg.get("event") or {}
+            if event.get("kind") == "registration" and self.events.active:
+                self.events.emit(RegistrationChanged(
+                    time.time(), str(event.get("name")), str(event.get("provider")), bool(event.get("added"))
+                ))  # fmt: skip
         else:
             log.warning("unrecognised message from the host: %.200r", msg)
 
@@ -386,6 +411,10 @@ class Client:
                     update = cap._take_update()
                     if update is not None:
                         updates[scope_key(cap.scope)] = update
+                        if self.events.active:
+                            self.events.emit(CapabilityUpdated(
+                                time.time(), state.request_id, scope_key(cap.scope), update, "sent"
+                            ))  # fmt: skip
                 if updates:
                     msg["capUpdates"] = updates
                 media = {mid: m.get_bytes() for mid, m in enc.media}
@@ -396,6 +425,20 @@ class Client:
         if error is not None:
             msg = {"id": state.request_id, "error": error_to_wire(error), "objects": []}
             media = {}
+        # Events first, so that whoever watches has the outcome before the caller has it.
+        if self.events.active:
+            self.events.emit(CallFinished(
+                time=time.time(), call_id=state.request_id, command=state.command,
+                duration=time.perf_counter() - started, ok=error is None,
+                error_type=None if error is None else type(error).__name__,
+                error_message=None if error is None else str(error), result=result,
+                output=state.output.getvalue() if state.output is not None else "",
+                trace=() if error is None else tuple(trace_of(error.__traceback__)),
+            ))  # fmt: skip
+            if error is None and state.session_id:
+                self.events.emit(
+                    SessionChanged(time.time(), state.session_id, "saved", dict(state.session))
+                )
         try:
             try:
                 self.transport.send(msg, media)
@@ -406,18 +449,6 @@ class Client:
                 )
         except Exception:
             log.exception("could not send the response to %s", state.request_id)
-        if self.events.active:
-            self.events.emit(CallFinished(
-                time=time.time(), call_id=state.request_id, command=state.command,
-                duration=time.perf_counter() - started, ok=error is None,
-                error_type=None if error is None else type(error).__name__,
-                error_message=None if error is None else str(error), result=result,
-                output=state.output.getvalue() if state.output is not None else "",
-            ))  # fmt: skip
-            if error is None and state.session_id:
-                self.events.emit(
-                    SessionChanged(time.time(), state.session_id, "saved", dict(state.session))
-                )
 
     def _load_session(self, blob: Any) -> dict[str, Any]:
         if not isinstance(blob, dict) or blob.get("session") is None:
@@ -447,6 +478,31 @@ class Client:
                 ).start()
                 self._loop = loop
             return self._loop
+
+    def _emit_made(
+        self, pending: _Pending, result: Any = None, error: BaseException | None = None
+    ) -> None:
+        """The CallFinished event of a call made from here (when someone listens)."""
+        if not getattr(pending, "watched", False) or not self.events.active:
+            return
+        self.events.emit(CallFinished(
+            time=time.time(), call_id=pending.call_id, command=pending.command,
+            duration=time.perf_counter() - pending.started, ok=error is None,
+            error_type=None if error is None else type(error).__name__,
+            error_message=None if error is None else str(error), result=result, direction="out",
+            trace=tuple(getattr(error, "remote_trace", ()) or ()),
+        ))  # fmt: skip
+
+    def watch_registry(self) -> dict[str, Any]:
+        """Have the host push registration changes (again after a reconnection); its state now."""
+        state = self.call("anvil.private.watch_registry")
+        self._watching = True
+        self._emit_snapshot(state)
+        return state
+
+    def _emit_snapshot(self, state: Any) -> None:
+        if isinstance(state, dict) and self.events.active:
+            self.events.emit(RegistrySnapshot(time.time(), dict(state.get("registrations") or {})))
 
     def _capability_is_valid(self, cap: Capability) -> bool:
         return bool(self.call("anvil.private.capability_is_valid", cap._scope, cap._mac))
@@ -482,7 +538,16 @@ class Client:
             msg["sessionData"] = self._dump_session(state.session)
         pending = _Pending()
         pending.caps = enc.capabilities
+        pending.started = time.perf_counter()
+        pending.watched = self.events.active and not command.startswith("anvil.private.")
+        if pending.watched:
+            self.events.emit(CallStarted(
+                time=time.time(), call_id=call_id, command=command, client=None, call_stack=(),
+                trusted=True, session_id=state.session_id if state is not None else None,
+                args=tuple(args), kwargs=dict(kwargs), direction="out",
+            ))  # fmt: skip
         pending.state = state if state is not None and state.client is self else None
+        pending.call_id, pending.command = call_id, command
         self._pending[call_id] = pending
         try:
             self.transport.send(
@@ -495,7 +560,9 @@ class Client:
 
     def _result(self, pending: _Pending, msg: dict[str, Any], media: Mapping[str, bytes]) -> Any:
         if "error" in msg:
-            raise error_from_wire(msg["error"], where="the server function")
+            exc = error_from_wire(msg["error"], where="the server function")
+            self._emit_made(pending, error=exc)
+            raise exc
         deserialise(msg, media=media, remote_is_trusted=True)
         updates = msg.get("capUpdates")
         if updates:
@@ -503,6 +570,13 @@ class Client:
                 key = scope_key(cap.scope)
                 if key in updates:
                     cap._apply_update(updates[key])
+                    if self.events.active:
+                        self.events.emit(
+                            CapabilityUpdated(
+                                time.time(), pending.call_id, key, updates[key], "received"
+                            )
+                        )
+        self._emit_made(pending, result=msg.get("response"))
         state = pending.state
         if state is not None and isinstance(msg.get("sessionData"), dict):
             fresh = self._load_session(msg["sessionData"])
@@ -521,8 +595,11 @@ def _run_loop(loop: asyncio.AbstractEventLoop) -> None:
 
 def reset_current_session(client: Client) -> str:
     """Reset the session of the current call (or the connection's) and return the new id."""
-    new_id = str(client.call("anvil.private.reset_session"))
     state = current_call()
+    old_id = state.session_id if state is not None and state.client is client else None
+    new_id = str(client.call("anvil.private.reset_session"))
+    if old_id and client.events.active:
+        client.events.emit(SessionChanged(time.time(), old_id, "reset", replaced_by=new_id))
     if state is not None and state.client is client:
         state.session.clear()
         state.session_id = new_id

@@ -21,6 +21,7 @@ __all__ = [
     "Event",
     "EventBus",
     "RegistrationChanged",
+    "RegistrySnapshot",
     "SessionChanged",
 ]
 
@@ -52,6 +53,8 @@ class CallStarted(Event):
     #: Runtime events only: the rebuilt arguments.
     args: tuple[Any, ...] = ()
     kwargs: dict[str, Any] = field(default_factory=dict)
+    #: ``"in"``: served here; ``"out"``: made from here (runtime events).
+    direction: str = "in"
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +70,9 @@ class CallFinished(Event):
     #: Runtime events only: the value returned, and output printed during the call.
     result: Any = None
     output: str = ""
+    direction: str = "in"
+    #: The remote trace, innermost first, when the call failed.
+    trace: tuple[Any, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +93,8 @@ class CapabilityUpdated(Event):
     call_id: str
     scope_key: str
     update: Any
+    #: ``"sent"``: sent back to the caller; ``"received"``: applied to a capability passed out.
+    direction: str = "sent"
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +104,13 @@ class RegistrationChanged(Event):
     name: str
     provider: str
     added: bool
+
+
+@dataclass(frozen=True, slots=True)
+class RegistrySnapshot(Event):
+    """Every registered name and its providers, as the host has them now."""
+
+    registrations: dict[str, list[str]]
 
 
 class EventBus:

@@ -76,6 +76,7 @@ _SESSIONLESS = frozenset(
         "anvil.private.get_app_origin",
         "anvil.private.get_api_origin",
         "anvil.private.host_state",
+        "anvil.private.watch_registry",
     }
 )
 
@@ -222,7 +223,9 @@ class Host:
             "anvil.private.reset_session": self._reset_session,
             "anvil.private.capability_is_valid": self._capability_is_valid,
             "anvil.private.host_state": self._host_state,
+            "anvil.private.watch_registry": self._watch_registry,
         }
+        self._watchers: set[_PeerState] = set()
 
     # -----------------------------------------------------------------------------------------
     # Peers
@@ -251,6 +254,7 @@ class Host:
         ps = self._peers.pop(peer, None)
         if ps is None:
             return
+        self._watchers.discard(ps)
         for name in self.registry.remove_provider(ps):
             self._emit_registration(name, ps, added=False)
         for req in list(ps.served.values()):
@@ -671,6 +675,15 @@ class Host:
         self._emit_session(rec.id, "reset", fresh.id)
         return fresh.id
 
+    def _watch_registry(
+        self, ps: _PeerState, _msg: dict[str, Any], _rec: SessionRecord | None
+    ) -> Any:
+        """Push every registration change to this (trusted, anvil_nb) peer from now on."""
+        if not ps.trusted:
+            raise PermissionDenied("Only trusted code may watch the registry")
+        self._watchers.add(ps)
+        return {**self.state(), "you": ps.peer.name}
+
     def _host_state(self, ps: _PeerState, _msg: dict[str, Any], _rec: SessionRecord | None) -> Any:
         if not ps.trusted:
             raise PermissionDenied("Only trusted code may read the host's state")
@@ -688,6 +701,11 @@ class Host:
     # Events
 
     def _emit_registration(self, name: str, ps: _PeerState, added: bool) -> None:
+        if self._watchers:
+            event = {"kind": "registration", "name": name, "provider": ps.peer.name, "added": added}
+            for watcher in list(self._watchers):
+                if watcher is not ps or not added:
+                    watcher.peer.send({"type": "EVENT", "event": event})
         if self.events.active:
             self.events.emit(RegistrationChanged(time.time(), name, ps.peer.name, added))
 

@@ -22,9 +22,10 @@ from typing import Any
 
 from anvil_nb import _output, _runtime, portable
 from anvil_nb.client import Client, functions
-from anvil_nb.errors import AppOfflineError
+from anvil_nb.errors import AnvilError, AppOfflineError
+from anvil_nb.events import EventBus
 
-__all__ = ["ENV_KEY", "ENV_URL", "format_status", "join", "leave", "status"]
+__all__ = ["ENV_KEY", "ENV_URL", "events", "format_status", "join", "leave", "status"]
 
 log = logging.getLogger("anvil_nb.kernel")
 
@@ -44,9 +45,17 @@ class Joined:
     client_key: str | None
     embedded: bool
     client: Client
+    #: The name the host knows this kernel by, and the registrations when it joined.
+    peer_name: str | None = None
+    registrations: dict[str, list[str]] | None = None
 
 
 _joined: Joined | None = None
+
+#: Everything this kernel's connection reports (calls served and made, sessions, capability
+#: updates, registrations), whichever host it is joined to now: widgets subscribe here once and
+#: keep working across reconnections and ``%anvil connect``.
+events = EventBus()
 
 
 def join(url: str | None = None, key: str | None = None) -> Joined:
@@ -75,6 +84,13 @@ def join(url: str | None = None, key: str | None = None) -> Joined:
         if leave_quietly.embedded:
             _runtime.disconnect()
     joined.client.capture_output = True
+    joined.client.events.subscribe(events.emit)
+    try:
+        state = joined.client.watch_registry()  # registration changes are pushed from now on
+        joined.peer_name = state.get("you")
+        joined.registrations = state.get("registrations") or {}
+    except AnvilError as exc:  # an older host: the registry view shows only what this kernel knows
+        log.info("anvil_nb: the host does not push registry changes (%s)", exc)
     _output.install()
     _runtime.set_client(joined.client)
     _joined = joined
@@ -106,6 +122,21 @@ def _join_embedded() -> Joined:
         embedded=True,
         client=client,
     )
+
+
+def peer_name() -> str | None:
+    """The name the host knows this kernel by (to mark its own registrations)."""
+    return _joined.peer_name if _joined is not None else None
+
+
+def registry_snapshot() -> dict[str, list[str]] | None:
+    """The host's registrations, now (``None`` when not joined)."""
+    if _joined is None:
+        return None
+    try:
+        return dict(_joined.client.call("anvil.private.host_state").get("registrations") or {})
+    except AnvilError:
+        return _joined.registrations
 
 
 def leave() -> None:

@@ -52,6 +52,7 @@ BAD_NAME = "Invalid function name specification"
 CONNECTION_LOST = "Connection to Anvil Uplink server lost"
 
 Kind = Literal[
+    "EVENT",
     "CALL",
     "LAUNCH_BACKGROUND",
     "REGISTER",
@@ -136,7 +137,15 @@ def kind_of(msg: dict[str, Any]) -> Kind:
         if "error" in msg:
             return "fatal"
         return "unknown"
-    if t in ("CALL", "LAUNCH_BACKGROUND", "REGISTER", "UNREGISTER", "CHUNK_HEADER", "MEDIA_ERROR"):
+    if t in (
+        "CALL",
+        "LAUNCH_BACKGROUND",
+        "REGISTER",
+        "UNREGISTER",
+        "CHUNK_HEADER",
+        "MEDIA_ERROR",
+        "EVENT",
+    ):
         return t  # type: ignore[return-value]
     return "unknown"
 

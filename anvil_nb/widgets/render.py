@@ -1,0 +1,160 @@
+"""HTML for the widgets: tables built from the models' records, escaped. No widgets here."""
+
+from __future__ import annotations
+
+import html
+import time
+from collections.abc import Iterable
+from typing import Any
+
+from anvil_nb.widgets.models import CallRecord, CapabilityView, SessionView, short_repr
+
+__all__ = ["call_detail", "call_table", "capability_list", "registry_table", "session_list"]
+
+_STYLE = (
+    "<style>.anvil-nb table{border-collapse:collapse;font-size:12px;font-family:var(--jp-code-font-family,monospace)}"
+    ".anvil-nb th,.anvil-nb td{border-bottom:1px solid #ddd;padding:2px 6px;text-align:left;vertical-align:top}"
+    ".anvil-nb .error{color:#b00020}.anvil-nb .untrusted{color:#9a6700}.anvil-nb mark{background:#fff3a0}"
+    ".anvil-nb .muted{color:#888}</style>"
+)
+
+
+def _e(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _clock(t: float) -> str:
+    return time.strftime("%H:%M:%S", time.localtime(t)) + f".{int(t * 1000) % 1000:03d}"
+
+
+def _table(cls: str, head: Iterable[str], rows: list[str], empty: str) -> str:
+    if not rows:
+        return f'<div class="anvil-nb"><span class="muted">{_e(empty)}</span></div>'
+    header = "".join(f"<th>{_e(h)}</th>" for h in head)
+    return f'<div class="anvil-nb">{_STYLE}<table class="{cls}"><tr>{header}</tr>{"".join(rows)}</table></div>'
+
+
+def call_table(rows: list[CallRecord], total: int) -> str:
+    """The call log: one row per call, newest first."""
+    out = []
+    for c in rows:
+        if c.outcome == "ok":
+            outcome = _e(c.result)
+        elif c.outcome == "error":
+            outcome = f'<span class="error">{_e(c.error_type)}: {_e(c.error_message)}</span>'
+        else:
+            outcome = '<span class="muted">running</span>'
+        client = " ".join(x for x in (c.client_type, c.ip, c.location) if x)
+        trust = "yes" if c.trusted else '<span class="untrusted">no</span>'
+        duration = "" if c.duration is None else f"{c.duration * 1000:.1f} ms"
+        out.append(
+            f'<tr class="anvil-nb-call" data-function="{_e(c.function)}" data-caller="{_e(c.caller)}" '
+            f'data-outcome="{_e(c.outcome)}" data-call="{_e(c.call_id)}">'
+            f"<td>{_clock(c.time)}</td><td>{'→' if c.direction == 'out' else '←'}</td>"
+            f"<td><b>{_e(c.function)}</b>({_e(c.args)})</td><td>{_e(c.caller)}</td><td>{trust}</td>"
+            f"<td>{_e(client)}</td><td>{_e(c.session_id[:8])}</td><td>{_e(c.task_id)}</td>"
+            f"<td>{duration}</td><td>{outcome}</td><td>{_e(c.output[-80:])}</td></tr>"
+        )
+    head = [
+        "time",
+        "",
+        "call",
+        "caller",
+        "trusted",
+        "client",
+        "session",
+        "task",
+        "duration",
+        "outcome",
+        "output",
+    ]
+    table = _table("anvil-nb-calllog", head, out, "No calls yet.")
+    return (
+        table
+        + f'<div class="anvil-nb muted">{len(rows)} shown, {total} since the log started</div>'
+    )
+
+
+def call_detail(c: CallRecord | None) -> str:
+    """Everything about one call: its CallContext, arguments, result or traceback, output."""
+    if c is None:
+        return ""
+    parts = [f"<b>{_e(c.function)}</b>({_e(c.args)}) — {_e(c.outcome)}"]
+    parts.append(
+        "<br><b>CallContext</b><pre>"
+        + _e("\n".join(f"{k}: {v!r}" for k, v in c.context.items()))
+        + "</pre>"
+    )
+    if c.outcome == "ok":
+        parts.append(f"<b>Result</b><pre>{_e(c.result)}</pre>")
+    elif c.outcome == "error":
+        trace = "\n".join(f'  File "{t[0]}", line {t[1]}' for t in reversed(c.trace) if len(t) >= 2)
+        parts.append(
+            f'<b>Error</b><pre class="error">Traceback (most recent call last):\n{_e(trace)}\n{_e(c.error_type)}: {_e(c.error_message)}</pre>'
+        )
+    if c.output:
+        parts.append(f"<b>Output</b><pre>{_e(c.output)}</pre>")
+    return f'<div class="anvil-nb">{_STYLE}{"".join(parts)}</div>'
+
+
+def session_list(sessions: list[SessionView]) -> str:
+    """Each session's contents; keys the last call changed are highlighted."""
+    rows = []
+    for s in sessions:
+        if s.data:
+            items = "<br>".join(
+                (f"<mark>{_e(k)}</mark>" if k in s.changed else _e(k)) + f" = {_e(v)}"
+                for k, v in sorted(s.data.items())
+            )
+        else:
+            items = '<span class="muted">(empty)</span>'
+        gone = sorted(k for k in s.changed if k not in s.data)
+        if gone:
+            items += "<br>" + ", ".join(f"<mark><s>{_e(k)}</s></mark>" for k in gone)
+        status = s.status if not s.replaced_by else f"{s.status} → {s.replaced_by[:8]}"
+        rows.append(
+            f'<tr class="anvil-nb-session" data-status="{_e(s.status)}"><td>{_e(s.session_id[:8])}</td>'
+            f"<td>{_e(status)}</td><td>{_clock(s.time)}</td><td>{items}</td></tr>"
+        )
+    return _table(
+        "anvil-nb-sessions",
+        ["session", "status", "updated", "contents"],
+        rows,
+        "No sessions served yet.",
+    )
+
+
+def capability_list(scopes: list[CapabilityView]) -> str:
+    """Per scope: the aggregated value, then each update."""
+    rows = []
+    for v in scopes:
+        updates = "<br>".join(
+            f"{_clock(t)} {'↑' if d == 'sent' else '↓'} {_e(call[:12])}: {_e(payload)}"
+            for t, call, d, payload in reversed(v.updates)
+        )
+        rows.append(
+            f'<tr class="anvil-nb-capability" data-scope="{_e(v.scope_key)}"><td>{_e(v.scope_key)}</td>'
+            f"<td>{_e(short_repr(v.aggregate))}</td><td>{v.count}</td><td>{updates}</td></tr>"
+        )
+    return _table(
+        "anvil-nb-capabilities",
+        ["scope", "aggregate", "updates", "latest first"],
+        rows,
+        "No capability updates yet.",
+    )
+
+
+def registry_table(
+    names: dict[str, list[str]], local: list[str], classes: list[str], me: str | None
+) -> str:
+    """Registered names and who provides them; this kernel's own are marked."""
+    rows = []
+    for name, providers in names.items():
+        who = ", ".join(("this kernel" if p == me else p) for p in providers)
+        rows.append(f'<tr class="anvil-nb-name"><td>{_e(name)}</td><td>{_e(who)}</td></tr>')
+    for name in local:
+        if name not in names:
+            rows.append(f'<tr class="anvil-nb-name"><td>{_e(name)}</td><td>this kernel</td></tr>')
+    table = _table("anvil-nb-registry", ["name", "provided by"], rows, "Nothing is registered.")
+    portable = ", ".join(_e(c) for c in classes) or '<span class="muted">none</span>'
+    return table + f'<div class="anvil-nb">Portable classes of this kernel: {portable}</div>'
