@@ -179,7 +179,8 @@ class CallLogModel(Model):
             record.outcome = "ok" if event.ok else "error"
             record.result = short_repr(event.result) if event.ok else ""
             record.error_type = event.error_type or ""
-            record.error_message = short_repr(event.error_message or "", 300).strip("'\"")
+            message = event.error_message or ""
+            record.error_message = message if len(message) <= 300 else message[:299] + "…"
             record.output = event.output[-2000:]
             record.trace = list(event.trace)[:20]
             return True

@@ -13,7 +13,9 @@ __all__ = ["call_detail", "call_table", "capability_list", "registry_table", "se
 
 _STYLE = (
     "<style>.anvil-nb table{border-collapse:collapse;font-size:12px;font-family:var(--jp-code-font-family,monospace)}"
-    ".anvil-nb th,.anvil-nb td{border-bottom:1px solid #ddd;padding:2px 6px;text-align:left;vertical-align:top}"
+    ".anvil-nb th,.anvil-nb td{border-bottom:1px solid #ddd;padding:2px 6px;text-align:left;vertical-align:top;"
+    "white-space:nowrap;line-height:1.4}.anvil-nb td.wrap{white-space:normal;min-width:14em;max-width:40em}"
+    ".anvil-nb{overflow-x:auto;max-width:100%}"
     ".anvil-nb .error{color:#b00020}.anvil-nb .untrusted{color:#9a6700}.anvil-nb mark{background:#fff3a0}"
     ".anvil-nb .muted{color:#888}</style>"
 )
@@ -44,7 +46,8 @@ def call_table(rows: list[CallRecord], total: int) -> str:
             outcome = f'<span class="error">{_e(c.error_type)}: {_e(c.error_message)}</span>'
         else:
             outcome = '<span class="muted">running</span>'
-        client = " ".join(x for x in (c.client_type, c.ip, c.location) if x)
+        client_type = c.client_type if c.client_type != c.caller else ""  # usually the same
+        client = " ".join(x for x in (client_type, c.ip, c.location) if x)
         trust = "yes" if c.trusted else '<span class="untrusted">no</span>'
         duration = "" if c.duration is None else f"{c.duration * 1000:.1f} ms"
         out.append(
@@ -53,7 +56,7 @@ def call_table(rows: list[CallRecord], total: int) -> str:
             f"<td>{_clock(c.time)}</td><td>{'→' if c.direction == 'out' else '←'}</td>"
             f"<td><b>{_e(c.function)}</b>({_e(c.args)})</td><td>{_e(c.caller)}</td><td>{trust}</td>"
             f"<td>{_e(client)}</td><td>{_e(c.session_id[:8])}</td><td>{_e(c.task_id)}</td>"
-            f"<td>{duration}</td><td>{outcome}</td><td>{_e(c.output[-80:])}</td></tr>"
+            f'<td>{duration}</td><td class="wrap">{outcome}</td><td class="wrap">{_e(c.output[-80:])}</td></tr>'
         )
     head = [
         "time",
