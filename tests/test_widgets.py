@@ -356,3 +356,38 @@ def test_shared_feed_is_one_per_kernel(n):
 
     feeds = {id(shared_feed()) for _ in range(n)}
     assert len(feeds) == 1
+
+
+def test_widgets_keep_working_after_the_kernel_reconnects():
+    from test_uplink_ws import KEYS, NetHost
+
+    from anvil_nb import kernel
+    from anvil_nb.client import functions
+
+    h = NetHost()
+    try:
+        kernel.join(h.url, KEYS.server_key)
+        feed = Feed()  # on kernel.events, as the dashboard is
+        functions.register("ping", lambda: "pong")
+        caller = h.client(KEYS.client_key)
+        assert caller.call("ping") == "pong"
+        assert [r.outcome for r in feed.calls.rows(function="ping")] == ["ok"]
+
+        assert "ping" not in feed.registry.names()  # the host does not echo our own back to us
+        back = threading.Event()
+        h.host.events.subscribe(
+            lambda e: back.set() if isinstance(e, RegistrationChanged) and e.added else None
+        )
+        h.ht.run(
+            lambda: next(p for p in h.host.peers if p.kind == "server_module").close("dropped")
+        )
+        assert back.wait(WAIT)  # the kernel reconnected and registered again
+        assert caller.call("ping") == "pong"
+        assert [r.outcome for r in feed.calls.rows(function="ping")] == ["ok", "ok"]
+        deadline = time.monotonic() + WAIT
+        while "ping" not in feed.registry.names() and time.monotonic() < deadline:
+            threading.Event().wait(0.01)  # the re-watch's snapshot arrives on the I/O thread
+        assert "ping" in feed.registry.names()  # the snapshot of the re-watch after reconnecting
+    finally:
+        kernel.leave()
+        h.stop()
