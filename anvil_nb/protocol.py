@@ -124,6 +124,12 @@ def encode(msg: dict[str, Any]) -> bytes:
         raise ProtocolError(f"message cannot be encoded as JSON: {exc}") from exc
 
 
+#: The message kinds a frame names in its ``type`` field.
+_TYPED_KINDS = frozenset(
+    {"CALL", "LAUNCH_BACKGROUND", "REGISTER", "UNREGISTER", "CHUNK_HEADER", "MEDIA_ERROR", "EVENT"}
+)
+
+
 def kind_of(msg: dict[str, Any]) -> Kind:
     """What a decoded message is."""
     t = msg.get("type")
@@ -137,15 +143,7 @@ def kind_of(msg: dict[str, Any]) -> Kind:
         if "error" in msg:
             return "fatal"
         return "unknown"
-    if t in (
-        "CALL",
-        "LAUNCH_BACKGROUND",
-        "REGISTER",
-        "UNREGISTER",
-        "CHUNK_HEADER",
-        "MEDIA_ERROR",
-        "EVENT",
-    ):
+    if t in _TYPED_KINDS:
         return t  # type: ignore[return-value]
     return "unknown"
 
