@@ -96,7 +96,8 @@ class AnvilMagics(Magics):
         now = _CellRegistrations()
         for cls_name in classes:
             cls = ns[cls_name]
-            portable.portable_class(cls)
+            if portable.name_of_class(cls) is None:  # an explicit @portable_class name wins
+                portable.portable_class(cls)
             now.classes.append(portable.name_of_class(cls) or cls_name)
         for fn_name in fns:
             registered = name or fn_name

@@ -477,7 +477,7 @@ def _apply_entries(
                 if cls is None:
                     raise SerializationError(
                         f"No such portable class: {name!r} at {format_path(path)}; register it with "
-                        f"@portable_class({name!r}) on this side too"
+                        f"@server.portable_class({name!r}) on this side too"
                     )
                 if t == "ClassType":
                     parent[key] = cls

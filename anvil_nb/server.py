@@ -221,6 +221,9 @@ def connect(
 
 def disconnect() -> None:
     """Close this process's connection to its host (and stop an embedded host)."""
+    from anvil_nb import kernel  # noqa: PLC0415 - a kernel that joined with %load_ext leaves properly
+
+    kernel.leave()
     _runtime.disconnect()
 
 

@@ -1163,3 +1163,24 @@ def test_a_failed_anvil_connect_keeps_the_current_connection(kernels, spawn, ser
         True,
     ), after
     assert caller.call("bc_fn") == _ok("still here")
+
+
+def test_an_explicit_portable_name_in_a_callable_cell_is_kept(kernel):
+    kernel.run_ok(
+        callable_cell("""
+        from anvil_nb import server
+        @server.portable_class("my.UniqueThing")
+        class UniqueThing:
+            pass
+        """)
+    )
+    classes = kernel.status()["classes"]
+    assert "my.UniqueThing" in classes and "__main__.UniqueThing" not in classes
+
+
+def test_server_disconnect_leaves_the_host_like_unload_ext(kernels):
+    k = kernels.start("disconnect")
+    k.load()
+    assert k.status()["connected"] is True
+    k.run_ok("from anvil_nb import server\nserver.disconnect()")
+    assert k.status() == {"connected": False, "functions": k.status()["functions"]}
