@@ -150,6 +150,9 @@ class AnvilMagics(Magics):
 def load(ipython: Any) -> None:
     """Join a host and register the magics (``%load_ext anvil_nb``)."""
     kernel.join()
+    from anvil_nb.widgets.feed import shared_feed  # noqa: PLC0415 - loads ipywidgets
+
+    shared_feed()  # from now on, so a dashboard shows everything since %load_ext
     ipython.register_magics(AnvilMagics(ipython))
 
 
