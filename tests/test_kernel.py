@@ -49,7 +49,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -60,6 +59,9 @@ from typing import Any
 import pytest
 from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import KernelManager
+from support import Lines as _Lines
+from support import stop_process as _reap
+from support import tail as _tail
 from test_uplink_real import _install_anvil_uplink
 
 #: Seconds to wait for any one answer (a cell, an agent's snippet, a host's ready line).
@@ -76,47 +78,6 @@ def _base_env() -> dict[str, str]:
         env.pop(name, None)
     env["PYTHONUNBUFFERED"] = "1"
     return env
-
-
-def _tail(path: Path, n: int = 60) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
-    except OSError:
-        return "(no log)"
-
-
-class _Lines:
-    """Lines of a stream, read by a daemon thread into a queue so that reads can time out."""
-
-    def __init__(self, stream: Any):
-        self.queue: queue.Queue[str | None] = queue.Queue()
-        self.thread = threading.Thread(target=self._read, args=(stream,), daemon=True)
-        self.thread.start()
-
-    def _read(self, stream: Any) -> None:
-        with contextlib.suppress(ValueError, OSError):
-            for line in stream:
-                self.queue.put(line.rstrip("\n"))
-        self.queue.put(None)
-
-    def next(self, deadline: float) -> str | None:
-        """The next line; ``None`` at EOF; raises ``queue.Empty`` at the deadline."""
-        line = self.queue.get(timeout=max(0.0, deadline - time.monotonic()))
-        if line is None:
-            self.queue.put(None)  # stay at EOF
-        return line
-
-
-def _reap(proc: subprocess.Popen[str], sig: int = signal.SIGKILL, wait: float = 5.0) -> int | None:
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            proc.send_signal(sig)
-    try:
-        return proc.wait(timeout=wait)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=5)
-        return None
 
 
 # ---------------------------------------------------------------------------------------------

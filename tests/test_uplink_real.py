@@ -44,6 +44,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support import Lines as _Lines
+from support import stop_process as _stop
+from support import tail as _tail
 
 ANVIL_UPLINK_VERSION = "0.7.0"
 REPO = Path(__file__).resolve().parents[1]
@@ -103,47 +106,6 @@ def anvil_uplink_dir() -> Path:
 
 # ---------------------------------------------------------------------------------------------
 # Subprocesses
-
-
-class _Lines:
-    """Lines of a subprocess's stdout, read by a thread into a queue (so reads can time out)."""
-
-    def __init__(self, stream: Any):
-        self.queue: queue.Queue[str | None] = queue.Queue()
-        self.thread = threading.Thread(target=self._read, args=(stream,), daemon=True)
-        self.thread.start()
-
-    def _read(self, stream: Any) -> None:
-        try:
-            for line in stream:
-                self.queue.put(line.rstrip("\n"))
-        except ValueError:  # closed under us during teardown
-            pass
-        self.queue.put(None)
-
-    def next(self, deadline: float) -> str | None:
-        """The next line; ``None`` at EOF; raises ``queue.Empty`` at the deadline."""
-        return self.queue.get(timeout=max(0.0, deadline - time.monotonic()))
-
-
-def _stop(proc: subprocess.Popen[str], sig: int = signal.SIGKILL, wait: float = 5.0) -> int | None:
-    """Stop *proc* (if still running) and reap it; its exit status, or None if it would not die."""
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            proc.send_signal(sig)
-    try:
-        return proc.wait(timeout=wait)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=5)
-        return None
-
-
-def _tail(path: Path, n: int = 40) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
-    except OSError:
-        return "(no log)"
 
 
 class HostProc:
