@@ -14,7 +14,7 @@ clients never send it.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from typing import Any, Literal, TypedDict
+from typing import Any, Literal
 
 import orjson
 
@@ -65,32 +65,6 @@ Kind = Literal[
     "auth",
     "unknown",
 ]
-
-
-class Frame(TypedDict, total=False):
-    """The stack frame of a caller: ``{"type": ..., "protocol-version": ...}``."""
-
-    type: str
-
-
-class CallMessage(TypedDict, total=False):
-    """A CALL in either direction (see PROTOCOL.md §3 for every field)."""
-
-    type: Literal["CALL"]
-    id: str
-    command: str
-    args: list[Any]
-    kwargs: dict[str, Any]
-    objects: list[dict[str, Any]]
-
-
-class ResponseMessage(TypedDict, total=False):
-    """A response: ``id`` plus ``response`` or ``error``; never a ``type``."""
-
-    id: str
-    response: Any
-    error: WireError
-    objects: list[dict[str, Any]]
 
 
 def decode(frame: str | bytes | bytearray | memoryview) -> dict[str, Any]:

@@ -315,12 +315,6 @@ class SessionManager:
             self._unsaved_touch.discard(session_id)
         self.store.delete(session_id)
 
-    def release(self, session_id: str) -> None:
-        """Stop caching a session in memory; it stays in the store until it expires."""
-        self.flush()
-        with self._lock:
-            self._live.pop(session_id, None)
-
     def flush(self) -> None:
         """Persist the idle clocks of sessions used since the last flush."""
         with self._lock:
