@@ -21,10 +21,10 @@ import tornado.web
 
 from anvil_nb.handlers import AdminStateHandler, ApiHandler
 from anvil_nb.host import Host
-from anvil_nb.protocol import DEFAULT_MAX_FRAME_BYTES
+from anvil_nb.limits import Limits
 from anvil_nb.transports.uplink_ws import BrowserHandler, Keys, UplinkHandler
 
-__all__ = ["Handlers", "make_app", "routes"]
+__all__ = ["Handlers", "make_app", "routes", "websocket_settings"]
 
 
 @dataclass(frozen=True)
@@ -54,17 +54,19 @@ def routes(
     ]
 
 
-def make_app(
-    host: Host, keys: Keys, prefix: str = "/", max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
-) -> tornado.web.Application:
+def websocket_settings(limits: Limits) -> dict[str, Any]:
+    """The tornado settings that bound every WebSocket of a host (frame size, keep-alive)."""
+    return {
+        "websocket_max_message_size": limits.max_frame_bytes,
+        "websocket_ping_interval": limits.ping_interval,
+        "websocket_ping_timeout": limits.ping_timeout,
+    }
+
+
+def make_app(host: Host, keys: Keys, prefix: str = "/") -> tornado.web.Application:
     """A tornado application serving *host* under *prefix* (the standalone placement).
 
-    Frames larger than *max_frame_bytes* close the connection (larger data goes as Media).
-    WebSocket pings every 25 s find dead peers; the real client answers them.
+    Frames larger than the host's ``limits.max_frame_bytes`` close the connection (larger data
+    goes as Media). WebSocket pings find dead and frozen peers; the real client answers them.
     """
-    return tornado.web.Application(
-        routes(host, keys, prefix),
-        websocket_max_message_size=max_frame_bytes,
-        websocket_ping_interval=25,
-        websocket_ping_timeout=25,
-    )
+    return tornado.web.Application(routes(host, keys, prefix), **websocket_settings(host.limits))

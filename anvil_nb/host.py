@@ -14,6 +14,16 @@ classes, and it does not need to. It looks inside a message only at
 * ``capUpdates``: passed back only to the caller that sent that capability into the call;
 * ``sessionData``: stored, never relayed to untrusted callers.
 
+It never relays a message as it came: every message it sends is built by :mod:`protocol` from
+the fields it takes (a caller's ``id``, ``command``, ``args``, ``kwargs`` and the ``objects``
+entries inside them; a provider's ``response`` and its entries, the session blob and capability
+updates), so no peer can write another's session, call stack or client description. A message
+whose relayed form would exceed the receiver's frame limit, or that cannot be encoded, fails
+its call alone.
+
+Every request lives in one place from routing to release: :meth:`Host._release` ends it on
+every path (answered, failed to send, timed out, provider lost, caller gone, host closing).
+
 The flow of one call (ids are rewritten so each side sees its own)::
 
     caller ──CALL id=c7──▶ host ──CALL id=server-12, session, client, call-stack──▶ provider
@@ -44,6 +54,7 @@ from anvil_nb.errors import (
     ProtocolError,
     QuotaExceededError,
     RuntimeUnavailableError,
+    SerializationError,
     SessionExpiredError,
     StackOverflow,
     TimeoutError,
@@ -58,6 +69,8 @@ from anvil_nb.events import (
     RegistrationChanged,
     SessionChanged,
 )
+from anvil_nb.limits import DEFAULT_LIMITS, Limits
+from anvil_nb.logs import RateLimiter, clip
 from anvil_nb.registry import Registry
 from anvil_nb.sessions import SessionManager, SessionRecord, SQLiteSessionStore
 
@@ -73,6 +86,7 @@ Media = Mapping[str, bytes]
 _SESSIONLESS = frozenset(
     {
         "anvil.private.echo",
+        "anvil.private.capability_is_valid",
         "anvil.private.get_app_origin",
         "anvil.private.get_api_origin",
         "anvil.private.host_state",
@@ -100,7 +114,8 @@ def load_secret(path: Path) -> bytes:
 class Peer(Protocol):
     """What the host needs of a connection. Transports implement it."""
 
-    #: A short unique name for logs and events, e.g. ``"uplink-3"``.
+    #: A short name for logs and events, e.g. ``"uplink-3"``, assigned by the host at attach
+    #: (unique among the host's peers).
     name: str
     #: The caller type of its frames: ``server_module``, ``uplink``, ``client_uplink``,
     #: ``browser`` or ``http``.
@@ -108,8 +123,15 @@ class Peer(Protocol):
     #: ``{"type", "ip", "location"}`` for the sessions it starts.
     client: dict[str, Any]
 
-    def send(self, msg: dict[str, Any], media: Media | None = None) -> None:
-        """Deliver a message (and the bytes of its DataMedia) to the peer; never blocks."""
+    @property
+    def queued_bytes(self) -> int:
+        """Bytes sent to the peer that it has not read yet (0 when the transport cannot tell)."""
+        ...
+
+    def send(self, data: bytes, media: Media | None = None, request_id: Any = None) -> None:
+        """Deliver one encoded message, then the bytes of its DataMedia (chunks carrying
+        *request_id*) to the peer; never blocks.
+        """
 
     def close(self, reason: str) -> None:
         """Close the connection after a fatal error (already sent)."""
@@ -141,6 +163,8 @@ class _Request:
     nested: bool
     caps_in: frozenset[str]
     started: float
+    #: Whether the caller is trusted (what may come back to it).
+    trusted: bool
     #: Frames newest first (the caller's on top) and the client of the session's chain.
     stack: list[dict[str, Any]]
     client: dict[str, Any]
@@ -167,9 +191,9 @@ class Host:
         Sent to peers at handshake and with every call (``anvil.app`` on real clients).
     origin : str, optional
         The app origin, e.g. ``"http://127.0.0.1:8888"``; ``None`` when nothing listens on HTTP.
-    max_calls_per_peer : int
-        The most calls one connection may have in flight; more fail with
-        ``QuotaExceededError`` (a flood cannot make the host hold unbounded state).
+    limits : Limits, optional
+        What one connection may cost: frame size, calls in flight, bytes queued for writing
+        (see :class:`~anvil_nb.limits.Limits`).
     data_dir : str or Path, optional
         Keep sessions (``sessions.sqlite3``) and the MAC key (``host-secret``) in this folder, so
         that both survive a restart. Without it, both live in memory.
@@ -184,9 +208,9 @@ class Host:
         app_info: dict[str, Any] | None = None,
         origin: str | None = None,
         data_dir: str | Path | None = None,
-        max_calls_per_peer: int = 1024,
+        limits: Limits = DEFAULT_LIMITS,
     ):
-        self.max_calls_per_peer = max_calls_per_peer
+        self.limits = limits
         if sessions is None:
             store = SQLiteSessionStore(Path(data_dir) / "sessions.sqlite3") if data_dir else None
             sessions = SessionManager(store)
@@ -209,8 +233,13 @@ class Host:
         self.registry: Registry[_PeerState] = Registry()
         self._peers: dict[Peer, _PeerState] = {}
         self._ids = itertools.count(1)
+        self._peer_ids = itertools.count(1)
         self._prefix = secrets.token_hex(3)
-        self._late: dict[str, None] = {}  # timed-out or orphaned request ids, to drop quietly
+        #: Ids of requests released before their answer came (timed out, caller gone): their
+        #: late answers are dropped quietly. Bounded; an answer for an id no longer here is
+        #: logged (rate-limited) and dropped too.
+        self._late: dict[str, None] = {}
+        self._quiet = RateLimiter(limits.log_interval)
         self._private: dict[
             str, Callable[[_PeerState, dict[str, Any], SessionRecord | None], Any]
         ] = {
@@ -237,16 +266,13 @@ class Host:
         which have no handshake, are not).
         """
         trusted = peer.kind in TRUSTED_TYPES
+        peer.name = f"{peer.kind}-{next(self._peer_ids)}"
         record = self.sessions.new(client=dict(peer.client))
         frame = {"type": peer.kind, "protocol-version": protocol.PROTOCOL_VERSION}
-        self._peers[peer] = _PeerState(peer, trusted, frame, record.id)
+        ps = _PeerState(peer, trusted, frame, record.id)
+        self._peers[peer] = ps
         if greet:
-            auth = {
-                "auth": "OK",
-                "priv": peer.kind if trusted else "client",
-                "app-info": self.app_info,
-            }
-            peer.send(auth)
+            self._send(ps, protocol.auth(peer.kind if trusted else "client", self.app_info))
         log.info("%s connected as %s", peer.name, peer.kind)
 
     def detach(self, peer: Peer) -> None:
@@ -258,21 +284,15 @@ class Host:
         for name in self.registry.remove_provider(ps):
             self._emit_registration(name, ps, added=False)
         for req in list(ps.served.values()):
-            self._cancel_timer(req)
-            if req.caller is not None:
-                req.caller.calls.pop(req.caller_call_id, None)
-                self._fail(
-                    req.caller,
-                    req.caller_call_id,
-                    UplinkDisconnectedError(
-                        f"The connection serving {req.command!r} was lost ({peer.name})"
-                    ),
-                )
-                self._emit_finished(req, ok=False, error=UplinkDisconnectedError.wire_type)
-        ps.served.clear()
-        for req in ps.calls.values():  # calls it made: their responses will be dropped
+            self._release(
+                req,
+                UplinkDisconnectedError(
+                    f"The connection serving {req.command!r} was lost ({peer.name})"
+                ),
+            )
+        for req in list(ps.calls.values()):  # calls it made: their late answers are dropped
             req.caller = None
-        ps.calls.clear()
+            self._release(req, late=True)
         self.sessions.drop(ps.session_id)
         log.info("%s disconnected", peer.name)
 
@@ -305,11 +325,8 @@ class Host:
     def close(self) -> None:
         """Stop: every call in flight fails with ``RuntimeUnavailableError``, every peer is closed."""
         for ps in list(self._peers.values()):
-            for call_id, req in list(ps.calls.items()):
-                self._cancel_timer(req)
-                req.caller = None
-                self._fail(ps, call_id, RuntimeUnavailableError("The host is shutting down"))
-            ps.calls.clear()
+            for req in list(ps.calls.values()):
+                self._release(req, RuntimeUnavailableError("The host is shutting down"))
         for peer in list(self._peers):
             peer.close("host shutting down")
             self.detach(peer)
@@ -331,7 +348,7 @@ class Host:
         """
         ps = self._peers.get(peer)
         if ps is None:
-            log.warning("message from unknown peer %s dropped", getattr(peer, "name", peer))
+            log.debug("message from a detached peer dropped")
             return
         kind = protocol.kind_of(msg)
         if kind == "response":
@@ -345,7 +362,7 @@ class Host:
             if isinstance(name, str) and self.registry.remove(name, ps):
                 self._emit_registration(name, ps, added=False)
         else:
-            raise ProtocolError(f"unexpected message of kind {kind!r} from {peer.name}")
+            raise ProtocolError(f"unexpected message of kind {clip(kind)} from {peer.name}")
 
     def _on_register(self, ps: _PeerState, msg: dict[str, Any]) -> None:
         if not ps.trusted:
@@ -357,105 +374,119 @@ class Host:
                 raise ValueError("the name must be a string")  # noqa: TRY004 - reported as a bad name  # noqa: TRY301
             added = self.registry.add(name, ps)
         except ValueError as exc:
-            log.warning("%s: bad REGISTER %r: %s", ps.peer.name, name, exc)
+            log.warning("%s: bad REGISTER %s: %s", ps.peer.name, clip(name), clip(str(exc)))
             self._fatal(ps, protocol.BAD_NAME)
             return
         if added:
             self._emit_registration(name, ps, added=True)
 
     def _fatal(self, ps: _PeerState, text: str) -> None:
-        log.warning("%s: %s", ps.peer.name, text)
-        ps.peer.send({"error": text})
+        self._quiet.warning(log, "fatal:" + text[:40], "%s: %s", ps.peer.name, clip(text))
+        self._send(ps, protocol.fatal(text))
         ps.peer.close(text)
+
+    # -----------------------------------------------------------------------------------------
+    # Sending: every message is encoded here, once, and checked against the frame limit
+
+    def _encode(self, msg: dict[str, Any], what: str) -> bytes:
+        """The frame of *msg*, or a SerializationError that says why it cannot be sent."""
+        try:
+            data = protocol.encode(msg)
+        except ProtocolError as exc:
+            raise SerializationError(f"The {what} cannot be relayed: {exc}") from None
+        limit = self.limits.max_frame_bytes
+        if len(data) > limit:
+            raise SerializationError(
+                f"The {what} would need a frame of {len(data):,} bytes, over the limit of "
+                f"{limit:,} bytes: send large values as Media (they travel in chunks)"
+            )
+        return data
+
+    def _send(
+        self,
+        ps: _PeerState,
+        msg: dict[str, Any],
+        media: Media | None = None,
+        data: bytes | None = None,
+    ) -> None:
+        """Send a message the host made (small by construction) or its pre-encoded *data*."""
+        if data is None:
+            data = protocol.encode(msg)
+        ps.peer.send(data, media, msg.get("id"))
+
+    def _over_queue(self, ps: _PeerState) -> bool:
+        return ps.peer.queued_bytes > self.limits.max_queued_bytes
 
     # -----------------------------------------------------------------------------------------
     # Calls
 
     def _on_call(self, ps: _PeerState, msg: dict[str, Any], media: Media | None) -> None:
         call_id = msg.get("id")
-        if not isinstance(call_id, (str, int)) or isinstance(call_id, bool):
+        if type(call_id) is not str and type(call_id) is not int:
             raise ProtocolError("a CALL needs a string 'id'")
         try:
             self._route(ps, call_id, msg, media)
+        except ProtocolError as exc:  # a malformed call: it fails alone, named for the caller
+            self._fail(ps, call_id, SerializationError(str(exc)))
         except AnvilError as exc:
             self._fail(ps, call_id, exc)
 
     def _route(
         self, ps: _PeerState, call_id: Any, msg: dict[str, Any], media: Media | None
     ) -> None:
-        command = msg.get("command")
-        if not isinstance(command, str):
-            if "liveObjectCall" in msg:
-                raise PermissionDenied("Live objects are not served by this host")
-            raise ProtocolError("a CALL needs a string 'command'")
-        args = msg.get("args", [])
-        kwargs = msg.get("kwargs") or {}
-        if not isinstance(args, list) or not isinstance(kwargs, dict):
-            raise ProtocolError("a CALL's 'args' must be a list and its 'kwargs' a dict")
+        command, args, kwargs = self._call_fields(msg)
         if call_id in ps.calls:
-            raise ProtocolError(f"call id {call_id!r} is already in use on this connection")
-        if len(ps.calls) >= self.max_calls_per_peer:
-            raise QuotaExceededError(
-                f"Too many calls in flight on this connection (at most {self.max_calls_per_peer})"
-            )
-
+            raise ProtocolError(f"call id {clip(call_id)} is already in use on this connection")
+        self._admit(ps)
         parent = ps.served.get(msg.get("call-stack-id"))  # type: ignore[arg-type]
         if parent is not None:
-            session_id = parent.session_id
-            stack = [ps.frame, *parent.stack]
-            client = parent.client
+            session_id, stack, client = parent.session_id, [ps.frame, *parent.stack], parent.client
         else:
-            session_id = ps.session_id
-            stack = [ps.frame]
-            client = ps.peer.client
+            session_id, stack, client = ps.session_id, [ps.frame], ps.peer.client
         if len(stack) > MAX_CALL_DEPTH:
             raise StackOverflow(
                 f"Server calls are nested more than {MAX_CALL_DEPTH} deep (calling {command!r})"
             )
         if not ps.trusted and ":" in command:
-            raise PermissionDenied(f"Untrusted callers cannot call {command!r}")
-
+            raise PermissionDenied(f"Untrusted callers cannot call {clip(command)!r}")
         handler = self._private.get(command)
         if handler is not None and command in _SESSIONLESS:  # keep-alives do not touch sessions
-            ps.peer.send({"id": call_id, "response": handler(ps, msg, None), "objects": []})
+            self._send(ps, protocol.response(call_id, handler(ps, msg, None), []))
             return
         record = self._session_for(ps, session_id, parent)
         if handler is not None:
-            value = handler(ps, msg, record)
-            ps.peer.send({"id": call_id, "response": value, "objects": []})
+            self._send(ps, protocol.response(call_id, handler(ps, msg, record), []))
             return
-
-        objects = msg.get("objects") or []
+        objects = protocol.check_objects(msg.get("objects"), protocol.CALL_ROOTS)
         caps_in = self._check_capabilities(objects, record, ps.trusted)
-        data = msg.get("sessionData")
-        adopts = parent is not None and ps.trusted and isinstance(data, dict)
-        if adopts and data != record.data and record.version == parent.session_version:  # type: ignore[union-attr]
-            self.sessions.save_data(record, data)  # type: ignore[arg-type]
-            parent.session_version = record.version  # type: ignore[union-attr]
-
+        adopts = parent is not None and ps.trusted and isinstance(msg.get("sessionData"), dict)
+        if adopts:
+            self._adopt_session(parent, record, msg["sessionData"])  # type: ignore[arg-type]
         provider = self.registry.pick(command)
         if provider is None:
             raise NoServerFunctionError(
-                f'No server function matching "{command}" has been registered'
+                f'No server function matching "{clip(command)}" has been registered'
             )
-
+        if self._over_queue(provider):
+            raise QuotaExceededError(
+                f"The connection serving {command!r} is not reading what it is sent; try later"
+            )
         rid = f"server-{self._prefix}-{next(self._ids)}"
-        out: dict[str, Any] = {
-            "type": "CALL",
-            "id": rid,
-            "call-stack-id": rid,
-            "command": command,
-            "args": args,
-            "kwargs": kwargs,
-            "objects": self._sign_objects(objects, record),
-            "call-stack": stack,
-            "client": client,
-            "sessionData": record.data if record.data is not None else {},
-            "session-id": record.id,
-            "app-info": self.app_info,
-        }
-        if "vt_global" in msg:
-            out["vt_global"] = msg["vt_global"]
+        out = protocol.call(
+            rid,
+            command,
+            args,
+            kwargs,
+            self._sign_objects(objects, record),
+            call_stack_id=rid,
+            vt_global=msg.get("vt_global"),
+            call_stack=stack,
+            client=client,
+            session_data=record.data if record.data is not None else {},
+            session_id=record.id,
+            app_info=self.app_info,
+        )
+        data = self._encode(out, f"call to {command!r}")  # fails this call alone, nothing held
         req = _Request(
             id=rid,
             command=command,
@@ -467,6 +498,7 @@ class Host:
             nested=parent is not None,
             caps_in=caps_in,
             started=time.perf_counter(),
+            trusted=ps.trusted,
             stack=stack,
             client=client,
             parent=parent,
@@ -478,7 +510,7 @@ class Host:
             req.timer = asyncio.get_running_loop().call_later(
                 self.call_timeout, self._time_out, req
             )
-        provider.peer.send(out, media)
+        self._send(provider, out, media, data)
         if self.events.active:
             self.events.emit(
                 CallStarted(
@@ -493,6 +525,45 @@ class Host:
                     provider=provider.peer.name,
                 )
             )
+
+    @staticmethod
+    def _call_fields(msg: dict[str, Any]) -> tuple[str, list[Any], dict[str, Any]]:
+        command = msg.get("command")
+        if not isinstance(command, str):
+            if "liveObjectCall" in msg:
+                raise PermissionDenied("Live objects are not served by this host")
+            raise ProtocolError("a CALL needs a string 'command'")
+        args = msg.get("args", [])
+        kwargs = msg.get("kwargs") or {}
+        if type(args) is not list or type(kwargs) is not dict:
+            raise ProtocolError("a CALL's 'args' must be a list and its 'kwargs' a dict")
+        return command, args, kwargs
+
+    def _admit(self, ps: _PeerState) -> None:
+        """Refuse a new call from a connection that already costs as much as it may."""
+        if len(ps.calls) >= self.limits.max_calls_in_flight:
+            raise QuotaExceededError(
+                "Too many calls in flight on this connection "
+                f"(at most {self.limits.max_calls_in_flight})"
+            )
+        if self._over_queue(ps):
+            raise QuotaExceededError(
+                "This connection is not reading its responses: over "
+                f"{self.limits.max_queued_bytes:,} bytes are waiting for it"
+            )
+
+    def _adopt_session(self, parent: _Request, record: SessionRecord, blob: dict[str, Any]) -> None:
+        """A trusted caller serving *parent* sent its (maybe changed) copy of the session."""
+        blob = self._session_blob(blob)
+        if blob != record.data and record.version == parent.session_version:
+            self.sessions.save_data(record, blob)
+            parent.session_version = record.version
+
+    @staticmethod
+    def _session_blob(blob: dict[str, Any]) -> dict[str, Any]:
+        """A clean copy of a session blob: its session and the entries inside it."""
+        objects = protocol.check_objects(blob.get("objects"), protocol.SESSION_ROOTS, "sessionData")
+        return {"session": blob.get("session"), "objects": objects}
 
     def _session_for(
         self, ps: _PeerState, session_id: str, parent: _Request | None
@@ -510,96 +581,127 @@ class Host:
 
     def _on_response(self, ps: _PeerState, msg: dict[str, Any], media: Media | None) -> None:
         rid = msg["id"]
-        req = ps.served.pop(rid, None)
+        req = ps.served.get(rid) if type(rid) is str else None
         if req is None:
-            if rid in self._late:  # the call timed out; its answer comes too late
-                del self._late[rid]
-                return
-            raise ProtocolError(f"response for unknown call id {rid!r}")
-        self._cancel_timer(req)
-        caller = req.caller
-        if caller is None:
+            if type(rid) is str and self._late.pop(rid, False) is None:
+                return  # released earlier (timed out, caller gone): its answer comes too late
+            self._quiet.warning(
+                log, "unknown-id", "%s: response for unknown call id %s dropped", ps.peer.name,
+                clip(rid),
+            )  # fmt: skip
             return
-        caller.calls.pop(req.caller_call_id, None)
-        record = self.sessions.get(req.session_id)
+        caller = req.caller
+        try:
+            out = self._relayed_response(req, msg)
+            data = self._encode(out, f"response of {req.command!r}") if caller else b""
+            if caller is not None and self._over_queue(caller):
+                raise QuotaExceededError(
+                    f"The response of {req.command!r} was dropped: the caller is not reading its "
+                    f"responses (over {self.limits.max_queued_bytes:,} bytes are waiting for it)"
+                )
+        except (ProtocolError, PermissionDenied, SerializationError, QuotaExceededError) as exc:
+            error = exc if isinstance(exc, AnvilError) and exc.wire_type else None
+            self._release(req, error or SerializationError(str(exc)))
+            return
+        self._release(req, None, ok="error" not in out, out=out)
+        if caller is not None:
+            self._send(caller, out, media, data)
+
+    def _relayed_response(self, req: _Request, msg: dict[str, Any]) -> dict[str, Any]:
+        """What the caller of *req* is sent for the provider's answer *msg*."""
         if "error" in msg:
-            error = (
-                msg["error"] if isinstance(msg["error"], dict) else {"message": str(msg["error"])}
-            )
-            out: dict[str, Any] = {"id": req.caller_call_id, "error": error, "objects": []}
-            ok = False
+            return protocol.error_message(req.caller_call_id, protocol.wire_error(msg["error"]))
+        record = self.sessions.get(req.session_id)
+        data = msg.get("sessionData")
+        if isinstance(data, dict) and record is not None:
+            self._store_session(req, record, self._session_blob(data))
+        objects = protocol.check_objects(msg.get("objects"), protocol.RESPONSE_ROOTS)
+        if record is not None:
+            self._check_capabilities(objects, record, trusted=True)
+            objects = self._sign_objects(objects, record)
+        session_back = None
+        if req.adopts_session and record is not None and record.version != req.session_version:
+            session_back = record.data if record.data is not None else {}
+            if req.parent is not None:
+                req.parent.session_version = record.version  # the caller now holds this copy
+        return protocol.response(
+            req.caller_call_id,
+            msg.get("response"),
+            objects,
+            vt_global=msg.get("vt_global"),
+            session_data=session_back,
+            cap_updates=self._passed_updates(req, msg.get("capUpdates")),
+        )
+
+    def _store_session(self, req: _Request, record: SessionRecord, data: dict[str, Any]) -> None:
+        # Most calls leave the session as it was: write only what changed. A copy that went
+        # out before the session last changed is stale and dropped, as the App Server does.
+        if data == record.data:
+            return
+        if record.version == req.session_version:
+            self.sessions.save_data(record, data)
+            if self.events.active:
+                self._emit_session(record.id, "saved")
         else:
-            data = msg.get("sessionData")
-            # Most calls leave the session as it was: write only what changed. A copy that went
-            # out before the session last changed is stale and dropped, as the App Server does.
-            if isinstance(data, dict) and record is not None and data != record.data:
-                if record.version == req.session_version:
-                    self.sessions.save_data(record, data)
-                    if self.events.active:
-                        self._emit_session(record.id, "saved")
-                else:
-                    log.info(
-                        "%s: session changed during %r; its copy is dropped", req.id, req.command
-                    )
-            objects = msg.get("objects") or []
-            try:
-                if record is not None:
-                    self._check_capabilities(objects, record, trusted=True)
-                    objects = self._sign_objects(objects, record)
-            except PermissionDenied as exc:
-                self._fail(caller, req.caller_call_id, exc)
-                self._emit_finished(req, ok=False, error=exc.wire_type)
-                return
-            out = {"id": req.caller_call_id, "response": msg.get("response"), "objects": objects}
-            if "vt_global" in msg:
-                out["vt_global"] = msg["vt_global"]
-            ok = True
-            if req.adopts_session and record is not None and record.version != req.session_version:
-                out["sessionData"] = record.data if record.data is not None else {}
-                if req.parent is not None:
-                    req.parent.session_version = record.version  # the caller now holds this copy
-        updates = msg.get("capUpdates")
-        if updates and isinstance(updates, dict) and req.caps_in:
-            passed = {}
-            for key, update in updates.items():
-                norm = normalise_scope_key(key) if isinstance(key, str) else None
-                if norm is not None and norm in req.caps_in:
-                    passed[norm] = update
-                    if self.events.active:
-                        self.events.emit(CapabilityUpdated(time.time(), req.id, norm, update))
-            if passed:
-                out["capUpdates"] = passed
-        caller.peer.send(out, media)
-        if self.events.active:
-            err = out.get("error", {}).get("type") if not ok else None
-            self._emit_finished(
-                req, ok=ok, error=err, message=None if ok else out["error"].get("message")
-            )
+            log.info("%s: session changed during %r; its copy is dropped", req.id, req.command)
+
+    def _passed_updates(self, req: _Request, updates: Any) -> dict[str, Any] | None:
+        """The capability updates for capabilities the caller passed into this call."""
+        if not updates or type(updates) is not dict or not req.caps_in:
+            return None
+        passed = {}
+        for key, update in updates.items():
+            norm = normalise_scope_key(key) if isinstance(key, str) else None
+            if norm is not None and norm in req.caps_in:
+                passed[norm] = update
+                if self.events.active:
+                    self.events.emit(CapabilityUpdated(time.time(), req.id, norm, update))
+        return passed or None
 
     def _time_out(self, req: _Request) -> None:
-        if req.provider.served.pop(req.id, None) is None:
-            return
-        self._late[req.id] = None
-        if len(self._late) > 10000:
-            self._late.pop(next(iter(self._late)))
-        if req.caller is not None:
-            req.caller.calls.pop(req.caller_call_id, None)
-            self._fail(
-                req.caller,
-                req.caller_call_id,
-                TimeoutError(f"Server call {req.command!r} timed out"),
-            )
-        self._emit_finished(req, ok=False, error=TimeoutError.wire_type)
+        req.timer = None
+        if req.provider.served.get(req.id) is req:
+            self._release(req, TimeoutError(f"Server call {req.command!r} timed out"), late=True)
 
-    def _cancel_timer(self, req: _Request) -> None:
+    def _release(
+        self,
+        req: _Request,
+        error: AnvilError | None = None,
+        *,
+        ok: bool = False,
+        out: dict[str, Any] | None = None,
+        late: bool = False,
+    ) -> None:
+        """End *req*: forget it everywhere, stop its timer, tell its caller of *error*.
+
+        The one place a request ends, on every path. With *late*, an answer that still comes
+        from the provider is dropped quietly.
+        """
+        req.provider.served.pop(req.id, None)
         if req.timer is not None:
             req.timer.cancel()
             req.timer = None
+        if late:
+            self._late[req.id] = None
+            if len(self._late) > 10_000:
+                self._late.pop(next(iter(self._late)))
+        caller, req.caller = req.caller, None
+        if caller is not None:
+            caller.calls.pop(req.caller_call_id, None)
+            if error is not None:
+                self._fail(caller, req.caller_call_id, error)
+        if not self.events.active or (caller is None and error is None and out is None):
+            return
+        if error is not None:
+            self._emit_finished(req, ok=False, error=error.wire_type, message=str(error))
+        elif out is not None:
+            err = out.get("error") or {}
+            self._emit_finished(req, ok=ok, error=err.get("type"), message=err.get("message"))
 
     def _fail(self, ps: _PeerState, call_id: Any, exc: AnvilError) -> None:
         error = error_to_wire(exc)
         error["trace"] = []  # the host's own frames mean nothing to the caller
-        ps.peer.send(protocol.error_message(call_id, error))
+        self._send(ps, protocol.error_message(call_id, error))
 
     # -----------------------------------------------------------------------------------------
     # Capabilities
@@ -609,28 +711,34 @@ class Host:
     ) -> frozenset[str]:
         """Verify the capabilities in a message; return their full-scope keys.
 
-        An untrusted sender's capabilities must carry a MAC valid for the call's session. A
-        trusted sender may also send unsigned ones (any scope but a ``"_"`` one), or one signed
-        for another session: trusted code could have minted it anyway.
+        Every MAC must be valid for the call's session: a forged one, or one issued to another
+        session, fails the call with ``PermissionDenied`` whoever sent it (as on the App
+        Server). Only trusted code may send a capability with no MAC at all (one it minted),
+        and never one of a ``"_"`` scope.
         """
-        if not isinstance(objects, list):
-            raise ProtocolError("'objects' must be a list")
         keys: list[str] = []
         for entry in objects:
-            if not isinstance(entry, dict) or "Capability" not in (entry.get("type") or ()):
+            if "Capability" not in entry.get("type", ()):
                 continue
             scope, mac, narrow = entry.get("scope"), entry.get("mac"), entry.get("narrow") or []
-            if not isinstance(scope, list) or not isinstance(narrow, list):
+            if type(scope) is not list or type(narrow) is not list:
                 raise PermissionDenied("Invalid Capability: its scope must be a list")
-            valid = mac is not None and verify_scope(self.secret, record.secret, scope, mac)
-            if not valid:
-                reserved = not scope or scope[0] == "_"
-                if not trusted or reserved:
+            try:
+                full = scope_key(scope + narrow)
+            except (TypeError, ValueError, RecursionError):
+                raise PermissionDenied("Invalid Capability: its scope is not plain JSON") from None
+            if mac is None:
+                if not trusted or not scope or scope[0] == "_":
                     raise PermissionDenied(
-                        f"Invalid Capability {scope + narrow!r}: it was not issued to this session "
-                        "(forged, from another session, or its session has expired)"
+                        f"Invalid Capability {clip(scope + narrow)}: it carries no MAC, and only trusted "
+                        "code may pass a capability it made itself"
                     )
-            keys.append(scope_key(scope + narrow))
+            elif not verify_scope(self.secret, record.secret, scope, mac):
+                raise PermissionDenied(
+                    f"Invalid Capability {clip(scope + narrow)}: it was not issued to this session "
+                    "(forged, from another session, or its session has expired)"
+                )
+            keys.append(full)
         return frozenset(keys)
 
     def _sign_objects(self, objects: list[Any], record: SessionRecord) -> list[Any]:
@@ -690,10 +798,15 @@ class Host:
         return {**self.state(), "client_key": self.client_key}
 
     def _capability_is_valid(
-        self, _ps: _PeerState, msg: dict[str, Any], rec: SessionRecord | None
+        self, ps: _PeerState, msg: dict[str, Any], _rec: SessionRecord | None
     ) -> bool:
+        """Whether a MAC holds for the caller's session now (False once it expired or reset)."""
         args = msg.get("args") or []
-        if rec is None or len(args) != 2 or not isinstance(args[0], list):
+        if len(args) != 2 or type(args[0]) is not list:
+            return False
+        parent = ps.served.get(msg.get("call-stack-id"))  # type: ignore[arg-type]
+        rec = self.sessions.get(parent.session_id if parent is not None else ps.session_id)
+        if rec is None or self.sessions.is_expired(rec):
             return False
         return verify_scope(self.secret, rec.secret, args[0], args[1])
 
@@ -705,7 +818,7 @@ class Host:
             event = {"kind": "registration", "name": name, "provider": ps.peer.name, "added": added}
             for watcher in list(self._watchers):
                 if watcher is not ps or not added:
-                    watcher.peer.send({"type": "EVENT", "event": event})
+                    self._send(watcher, protocol.event(event))
         if self.events.active:
             self.events.emit(RegistrationChanged(time.time(), name, ps.peer.name, added))
 

@@ -21,16 +21,29 @@ import orjson
 from anvil_nb.errors import ProtocolError, WireError
 
 __all__ = [
+    "CALL_ROOTS",
     "CHUNK_SIZE",
     "DEFAULT_MAX_FRAME_BYTES",
     "MIN_PROTOCOL_VERSION",
     "PROTOCOL_VERSION",
+    "RESPONSE_ROOTS",
+    "SESSION_ROOTS",
     "MediaAssembler",
+    "auth",
+    "call",
+    "check_objects",
     "chunk_media",
     "decode",
     "encode",
     "error_message",
+    "event",
+    "fatal",
+    "hello",
     "kind_of",
+    "register",
+    "response",
+    "unregister",
+    "wire_error",
 ]
 
 #: The protocol version anvil_nb speaks (anvil-uplink 0.7.0). Never change without a reason.
@@ -122,9 +135,200 @@ def kind_of(msg: dict[str, Any]) -> Kind:
     return "unknown"
 
 
+# ---------------------------------------------------------------------------------------------
+# Message shapes: every message anvil_nb sends is built here.
+
+
+def hello(key: str, kind: str | None = None) -> dict[str, Any]:
+    """The first message of an uplink: its key (and anvil_nb's ``kind`` extension)."""
+    msg: dict[str, Any] = {"key": key, "v": PROTOCOL_VERSION}
+    if kind is not None:
+        msg["kind"] = kind
+    return msg
+
+
+def auth(priv: str, app_info: dict[str, Any]) -> dict[str, Any]:
+    """The host's answer to a good key."""
+    return {"auth": "OK", "priv": priv, "app-info": app_info}
+
+
+def fatal(text: str) -> dict[str, Any]:
+    """A fatal error: the connection closes after it."""
+    return {"error": text}
+
+
+def register(name: str) -> dict[str, Any]:
+    """Serve *name* (a full-match regex) from this connection."""
+    return {"type": "REGISTER", "name": name}
+
+
+def unregister(name: str) -> dict[str, Any]:
+    """anvil_nb's extension: stop serving *name*."""
+    return {"type": "UNREGISTER", "name": name}
+
+
+def event(body: dict[str, Any]) -> dict[str, Any]:
+    """anvil_nb's extension: a host event pushed to a watching peer."""
+    return {"type": "EVENT", "event": body}
+
+
+def call(
+    call_id: Any,
+    command: str,
+    args: list[Any],
+    kwargs: dict[str, Any],
+    objects: list[Any],
+    *,
+    call_stack_id: Any = None,
+    vt_global: Any = None,
+    session_data: dict[str, Any] | None = None,
+    call_stack: list[dict[str, Any]] | None = None,
+    client: dict[str, Any] | None = None,
+    session_id: str | None = None,
+    app_info: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """A CALL. The host adds *call_stack*, *client*, the session and *app_info*; a caller adds
+    *call_stack_id* when it calls from inside a call it serves.
+    """
+    msg: dict[str, Any] = {
+        "type": "CALL",
+        "id": call_id,
+        "command": command,
+        "args": args,
+        "kwargs": kwargs,
+        "objects": objects,
+    }
+    if call_stack_id is not None:
+        msg["call-stack-id"] = call_stack_id
+    if vt_global is not None:
+        msg["vt_global"] = vt_global
+    if call_stack is not None:
+        msg["call-stack"] = call_stack
+    if client is not None:
+        msg["client"] = client
+    if session_data is not None:
+        msg["sessionData"] = session_data
+    if session_id is not None:
+        msg["session-id"] = session_id
+    if app_info is not None:
+        msg["app-info"] = app_info
+    return msg
+
+
+def response(
+    call_id: Any,
+    value: Any,
+    objects: list[Any],
+    *,
+    vt_global: Any = None,
+    session_data: dict[str, Any] | None = None,
+    cap_updates: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """A successful response to the call *call_id*."""
+    msg: dict[str, Any] = {"id": call_id, "response": value, "objects": objects}
+    if vt_global is not None:
+        msg["vt_global"] = vt_global
+    if session_data is not None:
+        msg["sessionData"] = session_data
+    if cap_updates:
+        msg["capUpdates"] = cap_updates
+    return msg
+
+
 def error_message(call_id: Any, error: WireError) -> dict[str, Any]:
     """A response that fails the call *call_id*."""
     return {"id": call_id, "error": error, "objects": []}
+
+
+#: Longest error message and trace relayed from a peer; longer ones are cut.
+MAX_ERROR_MESSAGE = 64 * 1024
+MAX_TRACE_FRAMES = 100
+
+
+def wire_error(error: Any) -> WireError:
+    """A clean copy of a peer's error description: ``type``, ``message`` and ``trace`` only.
+
+    Whatever else the peer put in is dropped; a message that is not a string is turned into one,
+    and the trace keeps only well-formed ``[file, line]`` frames.
+    """
+    if not isinstance(error, dict):
+        return {"message": _text(error)}
+    out: WireError = {"message": _text(error.get("message"))}
+    kind = error.get("type")
+    if isinstance(kind, str) and kind:
+        out["type"] = kind[:200]
+    trace = error.get("trace")
+    if isinstance(trace, list):
+        out["trace"] = [
+            [f[0][:500], f[1]]
+            for f in trace[:MAX_TRACE_FRAMES]
+            if type(f) is list and len(f) == 2 and isinstance(f[0], str) and type(f[1]) is int
+        ]
+    return out
+
+
+def _text(value: Any) -> str:
+    text = value if isinstance(value, str) else ("" if value is None else str(value)[:1000])
+    return text if len(text) <= MAX_ERROR_MESSAGE else text[:MAX_ERROR_MESSAGE] + "…"
+
+
+# ---------------------------------------------------------------------------------------------
+# Where the entries of an ``objects`` list may point (DESIGN.md, "The host builds every message")
+
+#: A caller's entries describe its arguments; a response's, its value; a session blob's, the
+#: session. ``vt_global`` holds what portable classes share, in any message.
+CALL_ROOTS = frozenset({"args", "kwargs", "vt_global"})
+RESPONSE_ROOTS = frozenset({"response", "vt_global"})
+SESSION_ROOTS = frozenset({"session"})
+
+#: The deepest path an entry may have (serialised values nest at most 200 levels).
+MAX_PATH_LENGTH = 256
+
+
+def check_objects(objects: Any, roots: frozenset[str], where: str = "msg") -> list[dict[str, Any]]:
+    """The entries of an ``objects`` list, each checked to lie inside one of *roots*.
+
+    Receivers apply entries by walking their path from the message root, so an entry outside
+    the values it describes could rewrite anything else in the message (the session, the call
+    stack, the client). No message is ever relayed or applied with such an entry.
+
+    Raises
+    ------
+    ProtocolError
+        ``objects`` is not a list, or an entry is not a dict with a well-formed ``path`` whose
+        first key is one of *roots*; the message names the entry's path.
+    """
+    if objects is None:
+        return []
+    if type(objects) is not list:
+        raise ProtocolError(f"{where}['objects'] must be a list, not {type(objects).__name__}")
+    for i, entry in enumerate(objects):
+        if type(entry) is not dict:
+            raise ProtocolError(f"{where}['objects'][{i}] must be an object")
+        kinds = entry.get("type")
+        if type(kinds) is not list or not all(type(k) is str for k in kinds):
+            raise ProtocolError(f"{where}['objects'][{i}] needs a 'type' list of names")
+        path = entry.get("path")
+        if type(path) is not list or not path or len(path) > MAX_PATH_LENGTH:
+            raise ProtocolError(f"{where}['objects'][{i}] needs a non-empty 'path' list")
+        for key in path:
+            if type(key) is not str and type(key) is not int:
+                raise ProtocolError(
+                    f"{where}['objects'][{i}] has a path key that is neither a string nor an "
+                    f"integer: {_path_text(path)}"
+                )
+        if path[0] not in roots:
+            allowed = " or ".join(sorted(roots))
+            raise ProtocolError(
+                f"an object at path {_path_text(path)} lies outside {allowed}: refused "
+                "(an entry may only describe the values it travels with)"
+            )
+    return objects
+
+
+def _path_text(path: list[Any]) -> str:
+    text = "".join(f"[{k!r}]" for k in path[:12]) + ("…" if len(path) > 12 else "")
+    return text if len(text) <= 200 else text[:199] + "…"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ import tornado.netutil
 
 from anvil_nb.app import make_app
 from anvil_nb.host import Host
+from anvil_nb.limits import Limits
 from anvil_nb.protocol import DEFAULT_MAX_FRAME_BYTES
 from anvil_nb.transports.uplink_ws import Keys
 
@@ -78,9 +79,10 @@ async def serve(args: argparse.Namespace) -> int:
             file=sys.stderr,
             flush=True,
         )
-    host = Host(data_dir=data_dir, call_timeout=args.call_timeout)
+    limits = Limits(max_frame_bytes=args.max_frame_bytes)
+    host = Host(data_dir=data_dir, call_timeout=args.call_timeout, limits=limits)
     host.client_key = keys.client_key
-    app = make_app(host, keys, "/", max_frame_bytes=args.max_frame_bytes)
+    app = make_app(host, keys, "/")
     sockets = tornado.netutil.bind_sockets(args.port, args.host)
     server = tornado.httpserver.HTTPServer(app, max_body_size=args.max_frame_bytes)
     server.add_sockets(sockets)

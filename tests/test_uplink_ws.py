@@ -31,6 +31,7 @@ from anvil_nb.errors import (
     UplinkDisconnectedError,
 )
 from anvil_nb.host import Host
+from anvil_nb.limits import Limits
 from anvil_nb.media import BlobMedia
 from anvil_nb.transports.inprocess import HostThread
 from anvil_nb.transports.uplink_ws import Keys
@@ -43,14 +44,14 @@ KEYS = Keys("server-key-for-tests", "client-key-for-tests")
 class NetHost:
     """A host serving the uplink route on 127.0.0.1, on a loop thread."""
 
-    def __init__(self, max_frame_bytes: int = protocol.DEFAULT_MAX_FRAME_BYTES, **host_kwargs: Any):
-        self.ht = HostThread(lambda: Host(**host_kwargs))
+    def __init__(self, **limits: Any):
+        self.ht = HostThread(lambda: Host(limits=Limits(**limits)))
         self.host = self.ht.host
 
         def listen() -> int:
             sockets = tornado.netutil.bind_sockets(0, "127.0.0.1")
             self.server = tornado.httpserver.HTTPServer(
-                make_app(self.host, KEYS, "/", max_frame_bytes)
+                make_app(self.host, KEYS, "/")
             )
             self.server.add_sockets(sockets)
             return sockets[0].getsockname()[1]
@@ -242,7 +243,6 @@ def test_the_origin_header_is_not_checked(net):
             False,
             "unknown media",
         ),
-        ('{"id": "no-such-call", "response": 1, "objects": []}', False, "unknown call id"),
     ],
 )
 def test_bad_frames_end_only_that_connection_with_a_clear_error(net, raw, frame, binary, says):
@@ -309,7 +309,7 @@ def test_untrusted_callers_cannot_call_colon_names(net):
 
 
 def test_a_flood_of_calls_is_bounded_per_connection():
-    h = NetHost(max_calls_per_peer=8)
+    h = NetHost(max_calls_in_flight=8)
     release = threading.Event()
     try:
         h.provider(wait=lambda: release.wait(WAIT))

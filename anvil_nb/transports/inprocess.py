@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import itertools
 import logging
 import threading
 from collections.abc import Callable, Mapping
@@ -28,7 +27,6 @@ __all__ = ["HostThread", "InProcessTransport"]
 
 log = logging.getLogger("anvil_nb.transport")
 T = TypeVar("T")
-_names = itertools.count(1)
 
 
 class HostThread:
@@ -113,14 +111,22 @@ class HostThread:
 class _Peer:
     """The host's side of an in-process connection."""
 
+    #: Delivered at once: nothing waits to be read.
+    queued_bytes = 0
+
     def __init__(self, transport: InProcessTransport, kind: str, ip: str):
-        self.name = f"{kind}-{next(_names)}"
+        self.name = kind  # the host names it at attach
         self.kind = kind
         self.client: dict[str, Any] = {"type": kind, "ip": ip}
         self._transport = transport
 
-    def send(self, msg: dict[str, Any], media: Mapping[str, bytes] | None = None) -> None:
-        self._transport._deliver(protocol.encode(msg), media or {})
+    def send(
+        self,
+        data: bytes,
+        media: Mapping[str, bytes] | None = None,
+        request_id: Any = None,  # noqa: ARG002 - media travel beside the message here
+    ) -> None:
+        self._transport._deliver(data, media or {})
 
     def close(self, reason: str) -> None:
         self._transport._closed_by_host(reason)
@@ -160,7 +166,7 @@ class InProcessTransport(Transport):
             self._ht.host.receive(self._peer, protocol.decode(data), media)
         except AnvilError as exc:
             log.warning("%s: %s", self._peer.name, exc)
-            self._peer.send({"error": str(exc)})
+            self._peer.send(protocol.encode(protocol.fatal(str(exc))))
             self._closed_by_host(str(exc))
 
     def _deliver(self, data: bytes, media: Mapping[str, bytes]) -> None:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
-import itertools
 import logging
 import secrets
 from collections.abc import Awaitable, Mapping
@@ -33,8 +32,6 @@ from anvil_nb.host import Host
 __all__ = ["BrowserHandler", "Keys", "UplinkHandler", "WebSocketPeer"]
 
 log = logging.getLogger("anvil_nb.uplink")
-
-_names = itertools.count(1)
 
 #: Unflushed writes to a peer after which we stop reading from it until they drain.
 MAX_UNFLUSHED_WRITES = 256
@@ -67,44 +64,64 @@ class Keys:
 
 
 class WebSocketPeer:
-    """The host's handle on one uplink WebSocket."""
+    """The host's handle on one uplink WebSocket.
+
+    It counts the bytes written that the peer has not read yet (:attr:`queued_bytes`); the
+    handler stops reading from a peer while that is over the host's bound, and the host refuses
+    its new calls and fails responses that would queue more.
+    """
 
     def __init__(self, handler: UplinkHandler, kind: str, ip: str | None):
-        self.name = f"{kind}-{next(_names)}"
+        self.name = kind  # the host names it at attach
         self.kind = kind
         self.client: dict[str, Any] = {"type": kind, "ip": ip or ""}
         self._handler = handler
+        self.queued_bytes = 0
         self.unflushed = 0
         self._drained = asyncio.Event()
         self._drained.set()
 
-    def send(self, msg: dict[str, Any], media: Mapping[str, bytes] | None = None) -> None:
-        """Write a message and then its media, each chunk header right before its chunk."""
+    def send(
+        self, data: bytes, media: Mapping[str, bytes] | None = None, request_id: Any = None
+    ) -> None:
+        """Write an encoded message, then its media, each chunk header right before its chunk."""
         handler = self._handler
         try:
-            self._track(handler.write_message(protocol.encode(msg)))
+            self._track(handler.write_message(data), len(data))
             if media:
-                for header, chunk in protocol.chunk_media(msg.get("id"), media):
+                for header, chunk in protocol.chunk_media(request_id, media):
                     handler.write_message(protocol.encode(header))
-                    self._track(handler.write_message(chunk, binary=True))
+                    self._track(handler.write_message(chunk, binary=True), len(chunk))
         except tornado.websocket.WebSocketClosedError:
             log.debug("%s: message dropped, the connection is closed", self.name)
 
-    def _track(self, future: asyncio.Future[None]) -> None:
+    def _track(self, future: asyncio.Future[None], size: int) -> None:
         if future.done():  # written straight to the socket: the usual case
             future.exception()
             return
         self.unflushed += 1
-        if self.unflushed >= MAX_UNFLUSHED_WRITES:
+        self.queued_bytes += size
+        if self.unflushed >= MAX_UNFLUSHED_WRITES or self.over_bound():
             self._drained.clear()
-        future.add_done_callback(self._flushed)
+        future.add_done_callback(lambda f: self._flushed(f, size))
 
-    def _flushed(self, future: asyncio.Future[None]) -> None:
+    def _flushed(self, future: asyncio.Future[None], size: int) -> None:
         if not future.cancelled():
             future.exception()  # retrieve it: a closed connection is handled by on_close
         self.unflushed -= 1
-        if self.unflushed < MAX_UNFLUSHED_WRITES // 2:
+        self.queued_bytes -= size
+        if self.unflushed < MAX_UNFLUSHED_WRITES // 2 and not self.over_bound(half=True):
             self._drained.set()
+
+    def over_bound(self, half: bool = False) -> bool:
+        """Whether the unread bytes are over the host's bound (or half of it)."""
+        bound = self._handler.host.limits.max_queued_bytes
+        return self.queued_bytes > (bound // 2 if half else bound)
+
+    @property
+    def blocked(self) -> bool:
+        """Whether reading from this peer should pause until it has read what it was sent."""
+        return not self._drained.is_set()
 
     async def drained(self) -> None:
         """Wait until the peer has read most of what was written to it."""
@@ -155,7 +172,7 @@ class UplinkHandler(tornado.websocket.WebSocketHandler):
             )
             self.fatal(f"Internal error in the host ({error_id}): {type(exc).__name__}")
         peer = self.peer
-        if peer is not None and peer.unflushed >= MAX_UNFLUSHED_WRITES:
+        if peer is not None and peer.blocked:
             return peer.drained()
         return None
 
@@ -204,13 +221,14 @@ class UplinkHandler(tornado.websocket.WebSocketHandler):
         if held is None:
             return
         cause = msg.get("cause") if isinstance(msg.get("cause"), dict) else {}
-        error = {
-            "type": cause.get("type", "anvil.server.InternalError"),
-            "message": cause.get("message", "Media transfer failed"),
-            "trace": [],
-        }
+        error = protocol.wire_error(
+            {
+                "type": cause.get("type", "anvil.server.InternalError"),
+                "message": cause.get("message", "Media transfer failed"),
+            }
+        )
         if protocol.kind_of(held) == "CALL":
-            self.peer.send(protocol.error_message(held.get("id"), error))  # type: ignore[union-attr]
+            self.peer.send(protocol.encode(protocol.error_message(held.get("id"), error)))  # type: ignore[union-attr]
         else:
             self.host.receive(self.peer, {"id": held.get("id"), "error": error}, {})  # type: ignore[arg-type]
 
@@ -221,7 +239,7 @@ class UplinkHandler(tornado.websocket.WebSocketHandler):
             return
         self._closed = True
         with contextlib.suppress(tornado.websocket.WebSocketClosedError):
-            self.write_message(protocol.encode({"error": text}))
+            self.write_message(protocol.encode(protocol.fatal(text)))
         self.close(1008, text[:120])
 
     def on_close(self) -> None:  # noqa: D102
