@@ -8,8 +8,10 @@ untrusted client) with its own function registry, and closes everything at the e
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
+from support import install_anvil_uplink
 
 from anvil_nb import _runtime, portable
 from anvil_nb.client import Client, FunctionRegistry, functions
@@ -27,6 +29,12 @@ def clean_runtime() -> Iterator[None]:
         functions.unregister(name)
     for name in set(portable.registered_names()) - set(classes):
         portable.unregister(name)
+
+
+@pytest.fixture(scope="session")
+def anvil_uplink_dir() -> Path:
+    """The real anvil-uplink, installed out of the venv (see ``support.install_anvil_uplink``)."""
+    return install_anvil_uplink()
 
 
 @pytest.fixture

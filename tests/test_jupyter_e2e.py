@@ -31,7 +31,7 @@ from typing import Any
 
 import pytest
 import websocket  # websocket-client, a dependency of jupyter_server
-from test_uplink_real import _install_anvil_uplink
+from support import install_anvil_uplink
 
 from anvil_nb.client import Client, FunctionRegistry
 from anvil_nb.errors import NoServerFunctionError
@@ -293,7 +293,7 @@ def test_a_kernel_function_is_called_through_the_jupyter_server(
         "print('REAL:', anvil.server.call('greet', 'bob'), flush=True)\n"
         "anvil.server.disconnect()\n"
     )
-    env = {**os.environ, "PYTHONPATH": str(_install_anvil_uplink())}
+    env = {**os.environ, "PYTHONPATH": str(install_anvil_uplink())}
     real = subprocess.run(
         [sys.executable, "-c", script],
         env=env,

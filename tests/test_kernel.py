@@ -60,9 +60,9 @@ import pytest
 from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import KernelManager
 from support import Lines as _Lines
+from support import install_anvil_uplink
 from support import stop_process as _reap
 from support import tail as _tail
-from test_uplink_real import _install_anvil_uplink
 
 #: Seconds to wait for any one answer (a cell, an agent's snippet, a host's ready line).
 WAIT = 20.0
@@ -461,7 +461,7 @@ class Agent:
 @pytest.fixture(scope="session")
 def uplink_dir() -> Path:
     """anvil-uplink 0.7.0, installed out of the venv (see tests/test_uplink_real.py)."""
-    return _install_anvil_uplink()
+    return install_anvil_uplink()
 
 
 Spawn = Callable[..., Agent]
