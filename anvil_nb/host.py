@@ -767,7 +767,7 @@ class Host:
     def _reset_session(self, ps: _PeerState, msg: dict[str, Any], rec: SessionRecord | None) -> str:
         if rec is None:
             raise InternalError("There is no session to reset")
-        fresh = self.sessions.new(client=rec.client)
+        fresh = self.sessions.new(client=rec.client, persistent=rec.persistent)
         parent = ps.served.get(msg.get("call-stack-id"))  # type: ignore[arg-type]
         for state in self._peers.values():
             if state.session_id == rec.id:

@@ -6,7 +6,12 @@ PROTOCOL.md §7; opaque to the host), the client info of whoever started it, and
 
 Each call carries a copy of its session's blob to the provider and takes the changed copy back.
 An uplink connection has one session; a browser has one per cookie; an HTTP request gets a
-fresh one. A session idle for longer than the timeout (30 minutes by default) expires: the next
+fresh one.
+
+What survives what: a *connection* session (an uplink's, a WebSocket browser's) lives in the
+host's memory only and ends with its connection, as in Anvil; no row is ever written for it, so
+nothing is left behind by a crash either. A *persistent* session (a browser's cookie session) is
+kept in the store and survives a restart of the host. A session idle for longer than the timeout (30 minutes by default) expires: the next
 call in it fails with :class:`~anvil_nb.errors.SessionExpiredError` and the owner gets a fresh
 session.
 
@@ -64,6 +69,9 @@ class SessionRecord:
     last_seen: float = 0.0
     #: Incremented at every change of :attr:`data`.
     version: int = 0
+    #: Kept in the store and survives a restart (cookie sessions); connection sessions are
+    #: memory only and end with their connection.
+    persistent: bool = False
 
 
 class SessionStore(ABC):
@@ -129,6 +137,11 @@ CREATE TABLE IF NOT EXISTS sessions (
 """
 
 
+#: ``PRAGMA user_version`` of the sessions file. 0: written by anvil_nb before connection
+#: sessions became memory-only, so every row in it belongs to a connection that is gone.
+_SCHEMA_VERSION = 1
+
+
 class SQLiteSessionStore(SessionStore):
     """Records in a SQLite file; they survive a restart of the host.
 
@@ -147,8 +160,17 @@ class SQLiteSessionStore(SessionStore):
         self._local = threading.local()
         self._connections: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
-        with self._db() as db:
+        db = self._db()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            if db.execute("PRAGMA user_version").fetchone()[0] < _SCHEMA_VERSION:
+                db.execute("DROP TABLE IF EXISTS sessions")  # only orphaned connection sessions
+                db.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
             db.execute(_SCHEMA)
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
 
     def _db(self) -> sqlite3.Connection:
         db = getattr(self._local, "db", None)
@@ -183,6 +205,7 @@ class SQLiteSessionStore(SessionStore):
             created=created,
             last_seen=last_seen,
             version=version,
+            persistent=True,
         )
 
     def put(self, record: SessionRecord) -> None:  # noqa: D102
@@ -258,13 +281,16 @@ class SessionManager:
         self._unsaved_touch: set[str] = set()
         self._lock = threading.Lock()
 
-    def new(self, client: dict[str, Any] | None = None) -> SessionRecord:
-        """Start a new, empty session."""
+    def new(self, client: dict[str, Any] | None = None, persistent: bool = False) -> SessionRecord:
+        """Start a new, empty session: in memory only, or kept in the store if *persistent*."""
         now = self.clock()
-        record = SessionRecord(id=new_session_id(), client=client, created=now, last_seen=now)
+        record = SessionRecord(
+            id=new_session_id(), client=client, created=now, last_seen=now, persistent=persistent
+        )
         with self._lock:
             self._live[record.id] = record
-        self.store.put(record)
+        if persistent:
+            self.store.put(record)
         return record
 
     def get(self, session_id: str) -> SessionRecord | None:
@@ -295,8 +321,9 @@ class SessionManager:
             self.drop(session_id)
             raise SessionExpiredError("Your session has expired; a new session has been started")
         record.last_seen = self.clock()
-        with self._lock:
-            self._unsaved_touch.add(session_id)
+        if record.persistent:
+            with self._lock:
+                self._unsaved_touch.add(session_id)
         return record
 
     def save_data(self, record: SessionRecord, data: dict[str, Any] | None) -> None:
@@ -304,16 +331,18 @@ class SessionManager:
         record.data = data
         record.version += 1
         record.last_seen = self.clock()
-        with self._lock:
-            self._unsaved_touch.discard(record.id)
-        self.store.put(record)
+        if record.persistent:
+            with self._lock:
+                self._unsaved_touch.discard(record.id)
+            self.store.put(record)
 
     def drop(self, session_id: str) -> None:
         """Forget a session (its capabilities stop being valid)."""
         with self._lock:
-            self._live.pop(session_id, None)
+            record = self._live.pop(session_id, None)
             self._unsaved_touch.discard(session_id)
-        self.store.delete(session_id)
+        if record is None or record.persistent:
+            self.store.delete(session_id)
 
     def flush(self) -> None:
         """Persist the idle clocks of sessions used since the last flush."""

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-__all__ = ["ANVIL_UPLINK_VERSION", "Lines", "install_anvil_uplink", "stop_process", "tail"]
+__all__ = ["ANVIL_UPLINK_VERSION", "Lines", "install_anvil_uplink", "stop_process", "tail", "wait_until"]
 
 ANVIL_UPLINK_VERSION = "0.7.0"
 REPO = Path(__file__).resolve().parents[1]
@@ -109,3 +109,14 @@ def install_anvil_uplink() -> Path:
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
     return UPLINK_DIR
+
+
+def wait_until(predicate: Any, timeout: float = 10.0, interval: float = 0.01) -> bool:
+    """Poll *predicate* until it is true (True) or *timeout* seconds pass (False)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if predicate():
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(interval)

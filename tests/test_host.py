@@ -13,6 +13,7 @@ import threading
 from typing import Any
 
 import pytest
+from support import wait_until
 
 from anvil_nb import server
 from anvil_nb.capability import Capability
@@ -644,7 +645,7 @@ def test_data_dir_keeps_sessions_and_the_mac_key_across_a_restart(tmp_path):
 
     first = Host(data_dir=tmp_path)
     assert isinstance(first.sessions.store, SQLiteSessionStore)
-    record = first.sessions.new(client={"type": "browser", "ip": "127.0.0.1"})
+    record = first.sessions.new(client={"type": "browser", "ip": "127.0.0.1"}, persistent=True)
     first.sessions.save_data(record, {"session": {"cart": [1, 2]}, "objects": []})
     mac = sign_scope(first.secret, record.secret, ["doc", 1])
     first.sessions.close()
@@ -688,7 +689,7 @@ def test_housekeeping_removes_expired_sessions_and_reports_them():
     assert [(e.session_id, e.reason) for e in seen] == [(old.id, "expired")]
 
 
-def test_unchanged_session_data_is_not_written_again(connect, host_thread):
+def test_connection_sessions_live_in_memory_and_never_reach_the_store(connect, host_thread):
     writes = []
     store = host_thread.host.sessions.store
     original_put = store.put
@@ -696,12 +697,27 @@ def test_unchanged_session_data_is_not_written_again(connect, host_thread):
     provider_with(connect, count=count, peek=lambda: dict(server.session))
     caller = connect()
     caller.call("count")
-    after_change = len(writes)
-    for _ in range(5):
-        caller.call("peek")
-    assert len(writes) == after_change  # reading the session writes nothing
     caller.call("count")
-    assert len(writes) == after_change + 1
+    assert caller.call("peek") == {"n": 2}
+    assert writes == []
+    sid = caller.call("anvil.private.get_session_id")
+    assert host_thread.run(host_thread.host.sessions.get, sid).data is not None
+    caller.close()
+    assert wait_until(lambda: host_thread.run(host_thread.host.sessions.get, sid) is None)
+
+
+def test_unchanged_persistent_session_data_is_not_written_again(tmp_path):
+    from anvil_nb.sessions import SQLiteSessionStore
+
+    manager = SessionManager(SQLiteSessionStore(tmp_path / "s.sqlite3"))
+    writes = []
+    original_put = manager.store.put
+    manager.store.put = lambda record: (writes.append(record.id), original_put(record))
+    record = manager.new(persistent=True)
+    manager.save_data(record, {"session": {"n": 1}, "objects": []})
+    assert len(writes) == 2
+    assert manager.store.get(record.id).data == {"session": {"n": 1}, "objects": []}
+    manager.close()
 
 
 def test_a_stale_session_copy_does_not_undo_changes_made_meanwhile(connect):

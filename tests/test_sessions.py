@@ -58,6 +58,7 @@ def numbered_record(session_id: str, n: int) -> SessionRecord:
         created=float(n),
         last_seen=float(n) + 0.5,
         version=n,
+        persistent=True,  # what a store holds
     )
 
 
@@ -363,8 +364,8 @@ def manager(store: SessionStore, clock: FakeClock) -> SessionManager:
 def test_manager_new_gives_a_random_id_and_a_32_byte_secret(
     manager: SessionManager, clock: FakeClock
 ) -> None:
-    a = manager.new(client=dict(CLIENT))
-    b = manager.new()
+    a = manager.new(client=dict(CLIENT), persistent=True)
+    b = manager.new(persistent=True)
 
     assert a.id != b.id
     assert isinstance(a.id, str)
@@ -382,7 +383,7 @@ def test_manager_new_gives_a_random_id_and_a_32_byte_secret(
 def test_manager_new_puts_the_session_in_the_store(
     manager: SessionManager, store: SessionStore
 ) -> None:
-    record = manager.new(client=dict(CLIENT))
+    record = manager.new(client=dict(CLIENT), persistent=True)
 
     stored = store.get(record.id)
 
@@ -394,7 +395,7 @@ def test_manager_new_puts_the_session_in_the_store(
 def test_manager_use_within_the_timeout_returns_the_session_and_moves_last_seen(
     manager: SessionManager, clock: FakeClock
 ) -> None:
-    record = manager.new()
+    record = manager.new(persistent=True)
     clock.now += TIMEOUT - 1
 
     used = manager.use(record.id)
@@ -410,7 +411,7 @@ def test_manager_use_within_the_timeout_returns_the_session_and_moves_last_seen(
 def test_manager_use_after_the_timeout_raises_and_removes_the_session(
     manager: SessionManager, store: SessionStore, clock: FakeClock
 ) -> None:
-    record = manager.new()
+    record = manager.new(persistent=True)
     clock.now += TIMEOUT + 1
 
     with pytest.raises(SessionExpiredError):
@@ -429,7 +430,7 @@ def test_manager_use_of_an_unknown_id_raises_session_expired(manager: SessionMan
 
 def test_manager_with_no_timeout_never_expires(store: SessionStore, clock: FakeClock) -> None:
     manager = SessionManager(store, timeout=None, clock=lambda: clock.now)
-    record = manager.new()
+    record = manager.new(persistent=True)
     clock.now += 10 * 365 * 24 * 3600.0
 
     assert manager.use(record.id).id == record.id
@@ -440,7 +441,7 @@ def test_manager_with_no_timeout_never_expires(store: SessionStore, clock: FakeC
 def test_manager_save_data_bumps_the_version_and_writes_to_the_store(
     manager: SessionManager, store: SessionStore, clock: FakeClock
 ) -> None:
-    record = manager.new()
+    record = manager.new(persistent=True)
     clock.now += 5
 
     manager.save_data(record, BLOB)
@@ -458,7 +459,7 @@ def test_manager_saved_data_is_seen_by_a_new_manager_over_the_same_sqlite_file(
     db_path: Path, clock: FakeClock
 ) -> None:
     first = SessionManager(SQLiteSessionStore(db_path), timeout=TIMEOUT, clock=lambda: clock.now)
-    record = first.new(client=dict(CLIENT))
+    record = first.new(client=dict(CLIENT), persistent=True)
     first.save_data(record, BLOB)
     first.close()
 
@@ -475,8 +476,8 @@ def test_manager_saved_data_is_seen_by_a_new_manager_over_the_same_sqlite_file(
 
 
 def test_manager_drop_removes_the_session(manager: SessionManager, store: SessionStore) -> None:
-    record = manager.new()
-    other = manager.new()
+    record = manager.new(persistent=True)
+    other = manager.new(persistent=True)
 
     manager.drop(record.id)
 
@@ -490,11 +491,11 @@ def test_manager_drop_removes_the_session(manager: SessionManager, store: Sessio
 def test_manager_purge_removes_expired_sessions_and_keeps_fresh_ones(
     manager: SessionManager, store: SessionStore, clock: FakeClock
 ) -> None:
-    stale = [manager.new(), manager.new()]
-    fresh_by_use = manager.new()
+    stale = [manager.new(persistent=True), manager.new(persistent=True)]
+    fresh_by_use = manager.new(persistent=True)
     clock.now += 1000
     manager.use(fresh_by_use.id)
-    fresh_new = manager.new()
+    fresh_new = manager.new(persistent=True)
     clock.now += TIMEOUT - 1000 + 1  # the first three are now idle for longer than TIMEOUT
 
     gone = manager.purge()
@@ -513,8 +514,8 @@ def test_manager_flush_persists_last_seen_of_used_sessions(db_path: Path, clock:
     manager = SessionManager(SQLiteSessionStore(db_path), timeout=TIMEOUT, clock=lambda: clock.now)
     reader = SQLiteSessionStore(db_path)
     try:
-        used = manager.new()
-        idle = manager.new()
+        used = manager.new(persistent=True)
+        idle = manager.new(persistent=True)
         created = clock.now
         clock.now += 100
 
@@ -538,7 +539,7 @@ def test_manager_purge_in_a_second_manager_keeps_a_session_the_first_used_and_fl
     first = SessionManager(SQLiteSessionStore(db_path), timeout=TIMEOUT, clock=lambda: clock.now)
     second = SessionManager(SQLiteSessionStore(db_path), timeout=TIMEOUT, clock=lambda: clock.now)
     try:
-        record = first.new()
+        record = first.new(persistent=True)
         clock.now += TIMEOUT - 1
         first.use(record.id)
         first.flush()
