@@ -33,6 +33,7 @@ __all__ = [
     "call",
     "check_objects",
     "chunk_media",
+    "close_reason",
     "decode",
     "encode",
     "error_message",
@@ -130,9 +131,14 @@ def kind_of(msg: dict[str, Any]) -> Kind:
         if "error" in msg:
             return "fatal"
         return "unknown"
-    if t in _TYPED_KINDS:
+    if type(t) is str and t in _TYPED_KINDS:
         return t  # type: ignore[return-value]
     return "unknown"
+
+
+def close_reason(text: str) -> str:
+    """*text* cut to fit a WebSocket close frame (at most 123 bytes of UTF-8)."""
+    return text.encode("utf-8")[:123].decode("utf-8", "ignore")
 
 
 # ---------------------------------------------------------------------------------------------
