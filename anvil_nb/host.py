@@ -175,6 +175,12 @@ class _Request:
     adopts_session: bool = False
 
 
+def _parent(ps: _PeerState, msg: dict[str, Any]) -> _Request | None:
+    """The request *ps* is serving that this call is nested in (by its ``call-stack-id``)."""
+    stack_id = msg.get("call-stack-id")
+    return ps.served.get(stack_id) if type(stack_id) is str else None
+
+
 class Host:
     """Routes calls between peers.
 
@@ -287,7 +293,7 @@ class Host:
             self._release(
                 req,
                 UplinkDisconnectedError(
-                    f"The connection serving {req.command!r} was lost ({peer.name})"
+                    f"The connection serving {clip(req.command)!r} was lost ({peer.name})"
                 ),
             )
         for req in list(ps.calls.values()):  # calls it made: their late answers are dropped
@@ -374,7 +380,10 @@ class Host:
                 raise ValueError("the name must be a string")  # noqa: TRY004 - reported as a bad name  # noqa: TRY301
             added = self.registry.add(name, ps)
         except ValueError as exc:
-            log.warning("%s: bad REGISTER %s: %s", ps.peer.name, clip(name), clip(str(exc)))
+            self._quiet.warning(
+                log, "bad-register", "%s: bad REGISTER %s: %s", ps.peer.name, clip(name),
+                clip(str(exc)),
+            )  # fmt: skip
             self._fatal(ps, protocol.BAD_NAME)
             return
         if added:
@@ -438,14 +447,14 @@ class Host:
         if call_id in ps.calls:
             raise ProtocolError(f"call id {clip(call_id)} is already in use on this connection")
         self._admit(ps)
-        parent = ps.served.get(msg.get("call-stack-id"))  # type: ignore[arg-type]
+        parent = _parent(ps, msg)
         if parent is not None:
             session_id, stack, client = parent.session_id, [ps.frame, *parent.stack], parent.client
         else:
             session_id, stack, client = ps.session_id, [ps.frame], ps.peer.client
         if len(stack) > MAX_CALL_DEPTH:
             raise StackOverflow(
-                f"Server calls are nested more than {MAX_CALL_DEPTH} deep (calling {command!r})"
+                f"Server calls are nested more than {MAX_CALL_DEPTH} deep (calling {clip(command)!r})"
             )
         if not ps.trusted and ":" in command:
             raise PermissionDenied(f"Untrusted callers cannot call {clip(command)!r}")
@@ -469,7 +478,7 @@ class Host:
             )
         if self._over_queue(provider):
             raise QuotaExceededError(
-                f"The connection serving {command!r} is not reading what it is sent; try later"
+                f"The connection serving {clip(command)!r} is not reading what it is sent; try later"
             )
         rid = f"server-{self._prefix}-{next(self._ids)}"
         out = protocol.call(
@@ -486,7 +495,7 @@ class Host:
             session_id=record.id,
             app_info=self.app_info,
         )
-        data = self._encode(out, f"call to {command!r}")  # fails this call alone, nothing held
+        data = self._encode(out, f"call to {clip(command)!r}")  # fails this call alone, nothing held
         req = _Request(
             id=rid,
             command=command,
@@ -593,10 +602,10 @@ class Host:
         caller = req.caller
         try:
             out = self._relayed_response(req, msg)
-            data = self._encode(out, f"response of {req.command!r}") if caller else b""
+            data = self._encode(out, f"response of {clip(req.command)!r}") if caller else b""
             if caller is not None and self._over_queue(caller):
                 raise QuotaExceededError(
-                    f"The response of {req.command!r} was dropped: the caller is not reading its "
+                    f"The response of {clip(req.command)!r} was dropped: the caller is not reading its "
                     f"responses (over {self.limits.max_queued_bytes:,} bytes are waiting for it)"
                 )
         except (ProtocolError, PermissionDenied, SerializationError, QuotaExceededError) as exc:
@@ -643,7 +652,9 @@ class Host:
             if self.events.active:
                 self._emit_session(record.id, "saved")
         else:
-            log.info("%s: session changed during %r; its copy is dropped", req.id, req.command)
+            log.info(
+                "%s: session changed during %s; its copy is dropped", req.id, clip(req.command)
+            )
 
     def _passed_updates(self, req: _Request, updates: Any) -> dict[str, Any] | None:
         """The capability updates for capabilities the caller passed into this call."""
@@ -661,7 +672,7 @@ class Host:
     def _time_out(self, req: _Request) -> None:
         req.timer = None
         if req.provider.served.get(req.id) is req:
-            self._release(req, TimeoutError(f"Server call {req.command!r} timed out"), late=True)
+            self._release(req, TimeoutError(f"Server call {clip(req.command)!r} timed out"), late=True)
 
     def _release(
         self,
@@ -768,7 +779,7 @@ class Host:
         if rec is None:
             raise InternalError("There is no session to reset")
         fresh = self.sessions.new(client=rec.client, persistent=rec.persistent)
-        parent = ps.served.get(msg.get("call-stack-id"))  # type: ignore[arg-type]
+        parent = _parent(ps, msg)
         for state in self._peers.values():
             if state.session_id == rec.id:
                 state.session_id = fresh.id
@@ -804,7 +815,7 @@ class Host:
         args = msg.get("args") or []
         if len(args) != 2 or type(args[0]) is not list:
             return False
-        parent = ps.served.get(msg.get("call-stack-id"))  # type: ignore[arg-type]
+        parent = _parent(ps, msg)
         rec = self.sessions.get(parent.session_id if parent is not None else ps.session_id)
         if rec is None or self.sessions.is_expired(rec):
             return False

@@ -332,6 +332,11 @@ def check_objects(objects: Any, roots: frozenset[str], where: str = "msg") -> li
     return objects
 
 
+def _clip(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def _path_text(path: list[Any]) -> str:
     text = "".join(f"[{k!r}]" for k in path[:12]) + ("…" if len(path) > 12 else "")
     return text if len(text) <= 200 else text[:199] + "…"
@@ -409,8 +414,10 @@ class MediaAssembler:
         if not ids:
             return [(msg, {})]
         key = msg.get("id")
+        if type(key) is not str and type(key) is not int:
+            raise ProtocolError("a message with media needs a string 'id'")
         if key in self._held:
-            raise ProtocolError(f"message id {key!r} reused while its media are still arriving")
+            raise ProtocolError(f"message id {_clip(key)} reused while its media are still arriving")
         self._held[key] = (msg, {i: [] for i in ids}, set(ids))
         return []
 
@@ -418,10 +425,12 @@ class MediaAssembler:
         """A ``CHUNK_HEADER``: the next binary frame belongs to it."""
         if self._next is not None:
             raise ProtocolError("CHUNK_HEADER without the binary frame of the previous one")
-        held = self._held.get(header.get("requestId"))
-        if held is None or header.get("mediaId") not in held[2]:
+        request_id = header.get("requestId")
+        held = self._held.get(request_id) if type(request_id) in (str, int) else None
+        media_id = header.get("mediaId")
+        if held is None or type(media_id) is not str or media_id not in held[2]:
             raise ProtocolError(
-                f"chunk for unknown media {header.get('mediaId')!r} of request {header.get('requestId')!r}"
+                f"chunk for unknown media {_clip(media_id)} of request {_clip(request_id)}"
             )
         self._next = header
 
@@ -452,7 +461,8 @@ class MediaAssembler:
 
     def failed(self, error: dict[str, Any]) -> dict[str, Any] | None:
         """A ``MEDIA_ERROR``: drop the waiting message and return it (``None`` if unknown)."""
-        held = self._held.pop(error.get("requestId"), None)
+        request_id = error.get("requestId")
+        held = self._held.pop(request_id, None) if type(request_id) in (str, int) else None
         if held is None:
             return None
         self._bytes -= sum(
