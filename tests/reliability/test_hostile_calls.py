@@ -319,3 +319,30 @@ def test_f11_a_wrong_mac_is_refused_even_from_the_server_key(serve_proc, raw_ws,
         )
     finally:
         provider.stop()
+
+
+@pytest.mark.parametrize(
+    ("extra", "says"),
+    [
+        ({"objects": [{"type": ["Primitive"], "path": ["id"], "value": "x"}]}, "['id']"),
+        (
+            {"sessionData": {"session": {}, "objects": [{"type": ["Date"], "path": ["x"]}]}},
+            "['x']",
+        ),
+        ({"objects": [{"type": "Capability", "path": ["response"]}]}, "'type' list"),
+    ],
+)
+def test_f1_a_hostile_provider_cannot_write_outside_its_response(serve_proc, raw_ws, extra, says):
+    host = serve_proc()
+    evil = raw_ws(host.url)
+    evil.hello(host.server_key)
+    evil.send({"type": "REGISTER", "name": "evil"})
+    caller = client_caller(host, raw_ws)
+    caller.send({"type": "CALL", "id": "e1", "command": "evil", "args": [], "kwargs": {}})
+    request = evil.recv()
+    assert request["type"] == "CALL" and request["command"] == "evil"
+    evil.send({"id": request["id"], "response": "fine", **extra})
+    reply = caller.response("e1")
+    assert reply["error"]["type"] == "anvil.server.SerializationError"
+    assert says in reply["error"]["message"]
+    assert call(caller, "anvil.private.echo", "still")["response"] == "still"
