@@ -11,12 +11,18 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 from support import install_anvil_uplink
 
 from anvil_nb import _runtime, portable
 from anvil_nb.client import Client, FunctionRegistry, functions
 from anvil_nb.host import Host
 from anvil_nb.transports.inprocess import HostThread
+
+
+# Hypothesis keeps no example database: tests write nothing into the checkout.
+settings.register_profile("anvil_nb", database=None)
+settings.load_profile("anvil_nb")
 
 
 @pytest.fixture(autouse=True)
