@@ -7,11 +7,15 @@ untrusted client) with its own function registry, and closes everything at the e
 
 from __future__ import annotations
 
+import atexit
+import shutil
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from hypothesis import settings
+from hypothesis.configuration import set_hypothesis_home_dir
 from support import install_anvil_uplink
 
 from anvil_nb import _runtime, portable
@@ -19,10 +23,13 @@ from anvil_nb.client import Client, FunctionRegistry, functions
 from anvil_nb.host import Host
 from anvil_nb.transports.inprocess import HostThread
 
-
-# Hypothesis keeps no example database: tests write nothing into the checkout.
+# Hypothesis keeps no example database and its caches in a temp dir: tests write nothing into
+# the checkout.
 settings.register_profile("anvil_nb", database=None)
 settings.load_profile("anvil_nb")
+_hypothesis_home = tempfile.mkdtemp(prefix="anvil_nb-hypothesis-")
+set_hypothesis_home_dir(_hypothesis_home)
+atexit.register(shutil.rmtree, _hypothesis_home, True)
 
 
 @pytest.fixture(autouse=True)
