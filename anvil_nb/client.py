@@ -12,6 +12,20 @@ provider and caller. It registers every function of its :class:`FunctionRegistry
 
 A call made while serving another call is *nested*: it carries that call's id, so the host
 keeps it in the same session and stacks the frames.
+
+Connection loss. Calls in flight when the connection drops fail at once with
+``UplinkDisconnectedError``, and so do the answers of calls being served then (they are
+dropped: the host has already failed them). While a reconnecting transport (the WebSocket
+one) is down, new calls wait for the connection to come back, at most ``offline_wait``
+seconds (:data:`OFFLINE_WAIT` by default), then fail with ``AppOfflineError`` naming the host.
+A host that refused the key (:data:`~anvil_nb.transports.base.KEY_REFUSALS`) is not tried
+again: every call fails at once with ``AppOfflineError("Anvil fatal error: <the host's text>")``.
+
+Receipt. The client applies the host's rule to what it receives (DESIGN.md, "The host builds
+every message it sends"): the ``objects`` entries of an incoming CALL must lie inside
+``args``/``kwargs``/``vt_global`` (else the call fails, naming the path, and the function never
+runs); those of a response inside ``response``/``vt_global`` (else the call raises
+``SerializationError`` naming the path); those of a session blob inside ``session``.
 """
 
 from __future__ import annotations
@@ -35,6 +49,7 @@ from anvil_nb import _output, protocol
 from anvil_nb.capability import Capability, scope_key
 from anvil_nb.context import CallContext
 from anvil_nb.errors import (
+    AnvilError,
     AppOfflineError,
     NoServerFunctionError,
     PermissionDenied,
@@ -54,10 +69,12 @@ from anvil_nb.events import (
     RegistrySnapshot,
     SessionChanged,
 )
+from anvil_nb.logs import RateLimiter, clip
 from anvil_nb.serialise import deserialise, serialise
-from anvil_nb.transports.base import Transport
+from anvil_nb.transports.base import KEY_REFUSALS, Transport
 
 __all__ = [
+    "OFFLINE_WAIT",
     "CallState",
     "Client",
     "FunctionRegistry",
@@ -69,6 +86,12 @@ __all__ = [
 log = logging.getLogger("anvil_nb.client")
 
 _PRIV_TYPES = {"uplink": "uplink", "client": "client_uplink", "server_module": "server_module"}
+
+#: Seconds a call waits for a lost connection to come back before it fails with
+#: ``AppOfflineError`` (the default of ``Client(offline_wait=...)``, read when a client is made).
+OFFLINE_WAIT = 10.0
+
+_quiet = RateLimiter()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -180,6 +203,9 @@ class CallState:
     capabilities: list[Capability] = field(default_factory=list)
     #: What the call printed, when the client captures output (kernels do).
     output: io.StringIO | None = None
+    #: The connection (its number) the call came on; once that connection is lost, the
+    #: host has failed the call and its answer is dropped.
+    generation: int = 0
 
 
 _current: contextvars.ContextVar[CallState | None] = contextvars.ContextVar(
@@ -211,17 +237,28 @@ class Client:
         The functions to serve (default: this process's).
     workers : int
         The size of the worker pool that runs incoming calls.
+    offline_wait : float, optional
+        Seconds a call waits for a lost connection to come back before it fails with
+        ``AppOfflineError`` (default: :data:`OFFLINE_WAIT`, 10 s). Only transports that
+        reconnect are waited for; with others a call fails at once.
     """
 
     def __init__(
-        self, transport: Transport, *, functions: FunctionRegistry = functions, workers: int = 32
+        self,
+        transport: Transport,
+        *,
+        functions: FunctionRegistry = functions,
+        workers: int = 32,
+        offline_wait: float | None = None,
     ):
         self.transport = transport
         self.functions = functions
         self.events = EventBus()
         self.own_type = "uplink"
         self.app_info: dict[str, Any] = {}
+        #: The host's fatal error when it refused the key; every call raises it from then on.
         self.fatal: str | None = None
+        self.offline_wait = OFFLINE_WAIT if offline_wait is None else float(offline_wait)
         self._watching = False
         #: Capture what calls print (see :mod:`anvil_nb._output`; kernels turn it on).
         self.capture_output = False
@@ -231,29 +268,46 @@ class Client:
         self._pool = concurrent.futures.ThreadPoolExecutor(
             workers, thread_name_prefix="anvil_nb-call"
         )
+        #: Set by the first ``auth`` (or a refusal): the handshake of :meth:`start` is over.
         self._authed = threading.Event()
-        self._connected = False
+        #: Guards the connection state below; waiters are woken on every change.
+        self._state = threading.Condition()
+        self._online = False
+        self._closed = False
+        #: Bumped by every ``auth``: which connection a served call came on.
+        self._generation = 0
+        self._started = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_lock = threading.Lock()
         self._remove_listener: Callable[[], None] | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------
     def start(self, timeout: float = 30.0) -> Client:
-        """Connect, register every function and wait until the host has them all."""
+        """Connect, register every function and wait until the host has them all.
+
+        Raises
+        ------
+        AppOfflineError
+            The host cannot be reached, did not answer the handshake, or refused the key.
+        """
         try:
             self.transport.open(self._on_message, self._on_closed)
         except ConnectionError as exc:
+            self._closed = True
             self._pool.shutdown(wait=False)
             raise AppOfflineError(str(exc)) from exc
         if not self._authed.wait(timeout):
             self.close()
-            raise AppOfflineError(f"The host did not answer the handshake within {timeout} s")
+            raise AppOfflineError(
+                f"The host at {self.transport.name} did not answer the handshake within {timeout} s"
+            )
         if self.fatal is not None:
-            raise AppOfflineError(f"Anvil fatal error: {self.fatal}")
-        self._connected = True
+            self.close()
+            raise self._refused_error()
         self._remove_listener = self.functions.add_listener(self._on_registration)
+        self._started = True
         for name in self.functions.names():
-            self.transport.send({"type": "REGISTER", "name": name})
+            self._send_quietly(protocol.register(name))
         self.sync()
         return self
 
@@ -263,101 +317,191 @@ class Client:
 
     @property
     def connected(self) -> bool:
-        """Whether the connection is up."""
-        return self._connected
+        """Whether the connection is up (the host has accepted it and it has not dropped)."""
+        return self._online
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called (or the host refused the key)."""
+        return self._closed
 
     def close(self) -> None:
         """Close the connection; calls in flight fail with ``UplinkDisconnectedError``."""
+        with self._state:
+            self._closed = True
+            self._online = False
+            self._state.notify_all()
         if self._remove_listener is not None:
             self._remove_listener()
             self._remove_listener = None
         self.transport.close()
+        self._fail_pending("the client was closed")
         self._pool.shutdown(wait=False, cancel_futures=True)
         with self._loop_lock:
             loop, self._loop = self._loop, None
         if loop is not None:
             loop.call_soon_threadsafe(loop.stop)
 
+    def _send_quietly(self, msg: dict[str, Any]) -> bool:
+        """Send a message that a reconnection would send again anyway; False if it was not sent."""
+        try:
+            self.transport.send(msg)
+        except ConnectionError:
+            return False
+        return True
+
     def _on_registration(self, name: str, added: bool) -> None:
-        if not self._connected:
+        if not self._online:
+            return  # the next connection registers every function anew
+        if not self._send_quietly(protocol.register(name) if added else protocol.unregister(name)):
             return
-        self.transport.send({"type": "REGISTER" if added else "UNREGISTER", "name": name})
         if current_call() is None:
-            self.sync()  # in effect on the host as soon as the registration call returns
+            try:
+                self.sync()  # in effect on the host as soon as the registration call returns
+            except (UplinkDisconnectedError, AppOfflineError) as exc:
+                log.info("registration of %r not confirmed: %s", name, exc)
+
+    # -- connection state ----------------------------------------------------------------------
+    def _refused_error(self) -> AppOfflineError:
+        return AppOfflineError(f"Anvil fatal error: {self.fatal}")
+
+    def _wait_online(self, command: str, deadline: float) -> None:
+        """Return once the connection is up; raise if it will not be up by *deadline*."""
+        with self._state:
+            while True:
+                if self.fatal is not None:
+                    raise self._refused_error()
+                if self._online:
+                    return
+                if self._closed or not self.transport.reconnects:
+                    raise UplinkDisconnectedError(
+                        f"Not connected to the host at {self.transport.name} (calling {command!r})"
+                    )
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AppOfflineError(
+                        f"The host at {self.transport.name} is unreachable: no connection to it "
+                        f"for the last {self.offline_wait:g} s (calling {command!r}); anvil_nb "
+                        "keeps reconnecting"
+                    )
+                self._state.wait(left)
+
+    def _fail_pending(self, reason: str) -> None:
+        pending, self._pending = self._pending, {}
+        for fut in pending.values():
+            if not fut.done():
+                fut.set_exception(UplinkDisconnectedError(f"Connection to the host lost: {reason}"))
 
     # -- incoming ------------------------------------------------------------------------------
     def _on_message(self, msg: dict[str, Any], media: Mapping[str, bytes]) -> None:
         kind = protocol.kind_of(msg)
         if kind == "response":
-            pending = self._pending.pop(msg["id"], None)
+            rid = msg["id"]
+            pending = self._pending.pop(rid, None) if isinstance(rid, str) else None
             if pending is not None:
                 pending.set_result((msg, media))
+            else:
+                log.debug("response for unknown call id %s dropped", clip(rid))
         elif kind == "CALL":
             try:
-                self._pool.submit(contextvars.Context().run, self._serve, msg, media)
+                self._pool.submit(
+                    contextvars.Context().run, self._serve, msg, media, self._generation
+                )
             except RuntimeError:  # the pool is shut down: we are closing
-                log.debug("call %s dropped: client closing", msg.get("id"))
+                log.debug("call %s dropped: client closing", clip(msg.get("id")))
         elif kind == "auth":
-            self.own_type = _PRIV_TYPES.get(str(msg.get("priv")), "uplink")
-            self.app_info = msg.get("app-info") or {}
-            if self._remove_listener is not None:  # a reconnection: register everything again
-                self._connected = True
-                for name in self.functions.names():
-                    self.transport.send({"type": "REGISTER", "name": name})
-                if self._watching:  # and watch again; the answer is the registry as it is now
-                    pending = self.send_call("anvil.private.watch_registry", [], {})
-                    pending.add_done_callback(
-                        lambda f: (
-                            None
-                            if f.exception()
-                            else self._emit_snapshot(f.result()[0].get("response"))
-                        )
-                    )
-            self._authed.set()
+            self._on_auth(msg)
         elif kind == "fatal":
-            self.fatal = str(msg.get("error"))
-            log.error("Anvil fatal error: %s", self.fatal)
-            self._authed.set()
+            self._on_fatal(msg)
         elif kind == "output":
-            log.info("Anvil server output: %s", msg.get("output"))
+            log.info("Anvil server output: %s", clip(msg.get("output")))
         elif kind == "EVENT":  # pushed by the host after anvil.private.watch_registry
-            event = msg.get("event") or {}
-            if event.get("kind") == "registration" and self.events.active:
+            event = msg.get("event")
+            if (
+                isinstance(event, dict)
+                and event.get("kind") == "registration"
+                and self.events.active
+            ):
                 self.events.emit(RegistrationChanged(
                     time.time(), str(event.get("name")), str(event.get("provider")), bool(event.get("added"))
                 ))  # fmt: skip
         else:
-            log.warning("unrecognised message from the host: %.200r", msg)
+            _quiet.warning(log, "unrecognised", "unrecognised message from the host: %s", clip(msg))
+
+    def _on_auth(self, msg: dict[str, Any]) -> None:
+        self.own_type = _PRIV_TYPES.get(str(msg.get("priv")), "uplink")
+        app_info = msg.get("app-info")
+        self.app_info = app_info if isinstance(app_info, dict) else {}
+        with self._state:
+            self._generation += 1
+        if self._started:  # a reconnection: register everything again, before any call goes out
+            for name in self.functions.names():
+                self._send_quietly(protocol.register(name))
+            log.info("reconnected to %s", self.transport.name)
+        with self._state:
+            self._online = not self._closed
+            self._state.notify_all()
+        if self._started and self._watching:  # and watch again: the answer is the registry now
+            try:
+                pending = self.send_call("anvil.private.watch_registry", [], {}, wait=False)
+            except AnvilError as exc:
+                log.info("could not watch the registry again: %s", exc)
+            else:
+                pending.add_done_callback(self._on_rewatched)
+        self._authed.set()
+
+    def _on_rewatched(self, fut: concurrent.futures.Future[Any]) -> None:
+        if fut.exception() is None:
+            msg = fut.result()[0]
+            if "error" not in msg:
+                self._emit_snapshot(msg.get("response"))
+
+    def _on_fatal(self, msg: dict[str, Any]) -> None:
+        text = msg.get("error")
+        if text in KEY_REFUSALS:
+            with self._state:
+                self.fatal = str(text)
+                self._state.notify_all()
+            log.error("Anvil fatal error: %s", clip(text))
+            self._authed.set()
+        else:  # this connection ends; the transport connects again
+            _quiet.warning(
+                log, "fatal", "the host at %s ended the connection: %s",
+                self.transport.name, clip(text),
+            )  # fmt: skip
 
     def _on_closed(self, reason: str) -> None:
-        self._connected = False
-        pending, self._pending = self._pending, {}
-        for fut in pending.values():
-            fut.set_exception(UplinkDisconnectedError(f"Connection to the host lost: {reason}"))
+        with self._state:
+            self._online = False
+            self._state.notify_all()
+        self._fail_pending(reason)
 
     # -- serving -------------------------------------------------------------------------------
-    def _serve(self, msg: dict[str, Any], media: Mapping[str, bytes]) -> None:
+    def _serve(self, msg: dict[str, Any], media: Mapping[str, bytes], generation: int = 0) -> None:
         rid = str(msg.get("id"))
         command = str(msg.get("command"))
         started = time.perf_counter()
         context = CallContext.from_wire(self.own_type, msg.get("client"), msg.get("call-stack"))
         trusted = context.remote_caller.is_trusted if context.remote_caller else True
-        state = CallState(self, rid, command, context, {}, msg.get("session-id"))
+        state = CallState(
+            self, rid, command, context, {}, msg.get("session-id"), generation=generation
+        )
         _current.set(state)
         if self.capture_output:
             state.output = _output.start_capture()
         try:
+            _check_received(msg.get("objects"), protocol.CALL_ROOTS, "The call was refused")
             entry = self.functions.lookup(command)
             if entry is None:
                 raise NoServerFunctionError(
                     f'No server function matching "{command}" has been registered'
                 )
+            state.session = self._load_session(msg.get("sessionData"))
             deserialise(
                 msg, media=media, remote_is_trusted=trusted, capabilities=state.capabilities
             )
             for cap in state.capabilities:
                 cap._validity = self._capability_is_valid
-            state.session = self._load_session(msg.get("sessionData"))
             if entry.require_user and user_hook() is None:
                 raise PermissionDenied("You must be logged in to call this server function")
             args, kwargs = msg.get("args") or [], msg.get("kwargs") or {}
@@ -404,8 +548,6 @@ class Client:
         if error is None:
             try:
                 enc = serialise({"response": result}, remote_is_trusted=trusted)
-                msg: dict[str, Any] = {"id": state.request_id, **enc.message}
-                msg["sessionData"] = self._dump_session(state.session)
                 updates = {}
                 for cap in state.capabilities:
                     update = cap._take_update()
@@ -415,15 +557,21 @@ class Client:
                             self.events.emit(CapabilityUpdated(
                                 time.time(), state.request_id, scope_key(cap.scope), update, "sent"
                             ))  # fmt: skip
-                if updates:
-                    msg["capUpdates"] = updates
-                media = {mid: m.get_bytes() for mid, m in enc.media}
                 if updates:  # updates are sent as they are: they must be plain JSON
                     protocol.encode(updates)
+                msg = protocol.response(
+                    state.request_id,
+                    enc.message["response"],
+                    enc.message.get("objects") or [],
+                    vt_global=enc.message.get("vt_global"),
+                    session_data=self._dump_session(state.session),
+                    cap_updates=updates,
+                )
+                media = {mid: m.get_bytes() for mid, m in enc.media}
             except Exception as exc:
                 error = exc
         if error is not None:
-            msg = {"id": state.request_id, "error": error_to_wire(error), "objects": []}
+            msg = protocol.error_message(state.request_id, error_to_wire(error))
             media = {}
         # Events first, so that whoever watches has the outcome before the caller has it.
         if self.events.active:
@@ -439,21 +587,30 @@ class Client:
                 self.events.emit(
                     SessionChanged(time.time(), state.session_id, "saved", dict(state.session))
                 )
+        if state.generation != self._generation or not self._online:
+            # The connection the call came on is gone, and the host failed the call with it;
+            # a new connection (a new host, perhaps) knows nothing of this id.
+            log.info(
+                "the answer to %s (%r) was dropped: the connection it came on was lost",
+                clip(state.request_id), clip(state.command),
+            )  # fmt: skip
+            return
         try:
             try:
                 self.transport.send(msg, media)
             except ProtocolError as exc:  # not JSON after all: the caller must still hear back
                 error = SerializationError(f"The response could not be encoded: {exc}")
-                self.transport.send(
-                    {"id": state.request_id, "error": error_to_wire(error), "objects": []}
-                )
+                self.transport.send(protocol.error_message(state.request_id, error_to_wire(error)))
+        except ConnectionError as exc:
+            log.info("the answer to %s was dropped: %s", clip(state.request_id), exc)
         except Exception:
-            log.exception("could not send the response to %s", state.request_id)
+            log.exception("could not send the response to %s", clip(state.request_id))
 
-    def _load_session(self, blob: Any) -> dict[str, Any]:
+    def _load_session(self, blob: Any, *, where: str = "The call was refused") -> dict[str, Any]:
         if not isinstance(blob, dict) or blob.get("session") is None:
             return {}
-        blob = dict(blob)
+        _check_received(blob.get("objects"), protocol.SESSION_ROOTS, where, "sessionData")
+        blob = {k: blob.get(k) for k in ("session", "objects", "vt_global")}
         deserialise(blob, remote_is_trusted=True)
         session = blob.get("session")
         return session if isinstance(session, dict) else {}
@@ -509,33 +666,67 @@ class Client:
 
     # -- calling -------------------------------------------------------------------------------
     def call(self, command: str, *args: Any, **kwargs: Any) -> Any:
-        """Call a server function by name and return its result (a copy)."""
+        """Call a server function by name and return its result (a copy).
+
+        Raises
+        ------
+        AppOfflineError
+            The connection has been down for ``offline_wait`` seconds, or the host refused
+            the key.
+        UplinkDisconnectedError
+            The connection dropped while the call was in flight (or the client was closed).
+        """
         pending = self.send_call(command, args, kwargs)
         return self._result(pending, *pending.result())
 
     async def call_async(self, command: str, *args: Any, **kwargs: Any) -> Any:
-        """Like :meth:`call`, awaitable from asyncio code."""
-        pending = self.send_call(command, args, kwargs)
+        """Like :meth:`call`, awaitable from asyncio code (an outage is waited for off the loop)."""
+        if not self._online:
+            deadline = time.monotonic() + self.offline_wait
+            await asyncio.get_running_loop().run_in_executor(
+                None, self._wait_online, command, deadline
+            )
+        pending = self.send_call(command, args, kwargs, wait=False)
         msg, media = await asyncio.wrap_future(pending)
         return self._result(pending, msg, media)
 
     def send_call(
-        self, command: str, args: tuple[Any, ...] | list[Any], kwargs: dict[str, Any]
+        self,
+        command: str,
+        args: tuple[Any, ...] | list[Any],
+        kwargs: dict[str, Any],
+        *,
+        wait: bool = True,
     ) -> _Pending:
-        """Send a CALL; the returned future resolves to the raw response and its media."""
+        """Send a CALL; the returned future resolves to the raw response and its media.
+
+        With *wait*, a call made while the connection is down waits for it (at most
+        ``offline_wait`` seconds); without, it fails at once.
+        """
         if not isinstance(command, str):
             raise TypeError(f"The function name must be a str, not {type(command).__name__}")
-        if not self._connected and self._authed.is_set() and self.fatal is None:
-            raise UplinkDisconnectedError("Not connected to the host")
-        if self.fatal is not None:
-            raise AppOfflineError(f"Anvil fatal error: {self.fatal}")
+        deadline = time.monotonic() + (self.offline_wait if wait else 0.0)
+        self._wait_online(command, deadline)
         enc = serialise({"args": list(args), "kwargs": kwargs}, remote_is_trusted=True)
-        call_id = f"{self._id_prefix}{next(self._ids)}"
-        msg = {"type": "CALL", "id": call_id, "command": command, **enc.message}
         state = _current.get()
-        if state is not None and state.client is self:
-            msg["call-stack-id"] = state.request_id
-            msg["sessionData"] = self._dump_session(state.session)
+        nested = state is not None and state.client is self
+        if nested and state.generation != self._generation:  # type: ignore[union-attr]
+            raise UplinkDisconnectedError(
+                f"Cannot call {command!r}: the connection that brought the call being served "
+                "was lost (the host has failed that call)"
+            )
+        call_id = f"{self._id_prefix}{next(self._ids)}"
+        msg = protocol.call(
+            call_id,
+            command,
+            enc.message["args"],
+            enc.message["kwargs"],
+            enc.message.get("objects") or [],
+            call_stack_id=state.request_id if nested else None,  # type: ignore[union-attr]
+            vt_global=enc.message.get("vt_global"),
+            session_data=self._dump_session(state.session) if nested else None,  # type: ignore[union-attr]
+        )
+        media = {mid: m.get_bytes() for mid, m in enc.media} if enc.media else None
         pending = _Pending()
         pending.caps = enc.capabilities
         pending.started = time.perf_counter()
@@ -546,26 +737,48 @@ class Client:
                 trusted=True, session_id=state.session_id if state is not None else None,
                 args=tuple(args), kwargs=dict(kwargs), direction="out",
             ))  # fmt: skip
-        pending.state = state if state is not None and state.client is self else None
+        pending.state = state if nested else None
         pending.call_id, pending.command = call_id, command
-        self._pending[call_id] = pending
-        try:
-            self.transport.send(
-                msg, {mid: m.get_bytes() for mid, m in enc.media} if enc.media else None
-            )
-        except Exception as exc:
-            self._pending.pop(call_id, None)
-            raise UplinkDisconnectedError(f"Could not send the call to {command!r}: {exc}") from exc
-        return pending
+        while True:
+            self._pending[call_id] = pending
+            try:
+                self.transport.send(msg, media)
+                return pending
+            except ConnectionError as exc:  # dropped just now: nothing went out
+                self._pending.pop(call_id, None)
+                if nested:
+                    raise UplinkDisconnectedError(
+                        f"Could not send the call to {command!r}: {exc}"
+                    ) from exc
+                with self._state:  # the loss is being reported: let it land, then wait
+                    if self._online and not self._closed:
+                        self._state.wait(0.05)
+                self._wait_online(command, deadline)  # raises once it is too late
+            except Exception as exc:
+                self._pending.pop(call_id, None)
+                raise UplinkDisconnectedError(
+                    f"Could not send the call to {command!r}: {exc}"
+                ) from exc
 
     def _result(self, pending: _Pending, msg: dict[str, Any], media: Mapping[str, bytes]) -> Any:
-        if "error" in msg:
-            exc = error_from_wire(msg["error"], where="the server function")
+        try:
+            if "error" in msg:
+                raise error_from_wire(msg["error"], where="the server function")
+            where = f"The response of {pending.command!r} was refused"
+            _check_received(msg.get("objects"), protocol.RESPONSE_ROOTS, where)
+            session = None
+            state = pending.state
+            if state is not None and isinstance(msg.get("sessionData"), dict):
+                session = self._load_session(msg["sessionData"], where=where)
+            caps: list[Capability] = []
+            deserialise(msg, media=media, remote_is_trusted=True, capabilities=caps)
+        except Exception as exc:
             self._emit_made(pending, error=exc)
-            raise exc
-        deserialise(msg, media=media, remote_is_trusted=True)
+            raise
+        for cap in caps:  # is_valid asks the host about this connection's session
+            cap._validity = self._capability_is_valid
         updates = msg.get("capUpdates")
-        if updates:
+        if updates and isinstance(updates, dict):
             for cap in pending.caps:
                 key = scope_key(cap.scope)
                 if key in updates:
@@ -577,12 +790,18 @@ class Client:
                             )
                         )
         self._emit_made(pending, result=msg.get("response"))
-        state = pending.state
-        if state is not None and isinstance(msg.get("sessionData"), dict):
-            fresh = self._load_session(msg["sessionData"])
+        if state is not None and session is not None:
             state.session.clear()
-            state.session.update(fresh)
+            state.session.update(session)
         return msg.get("response")
+
+
+def _check_received(objects: Any, roots: frozenset[str], where: str, what: str = "msg") -> None:
+    """The receipt rule: every ``objects`` entry must lie inside *roots*."""
+    try:
+        protocol.check_objects(objects, roots, what)
+    except ProtocolError as exc:
+        raise SerializationError(f"{where}: {exc}") from None
 
 
 def _run_loop(loop: asyncio.AbstractEventLoop) -> None:

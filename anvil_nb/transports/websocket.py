@@ -5,15 +5,20 @@ its own, sends the key, and then carries messages both ways (media in 64 KiB chu
 chunk header right before its binary frame). ``send`` is safe from any thread: frames are
 queued to the I/O loop in order.
 
-When the connection drops, calls in flight fail at once and the transport reconnects, after
-1 s and then with backoff up to 10 s; the host's ``auth`` message on the new connection tells
-the client to register its functions again. A fatal error (a wrong key) stops it for good.
+When a connection ends, for whatever reason (the host stopped or crashed, the network
+dropped, the host sent a fatal error and closed it, a frame from the host was malformed), the
+client is told at once (its calls in flight fail) and the transport connects again: after
+1 s, then doubling up to 10 s between attempts, until a connection gets the host's ``auth``
+(which resets the delay to 1 s and tells the client to register its functions again). The
+one exception is a refused key (:data:`~anvil_nb.transports.base.KEY_REFUSALS`): trying again
+cannot help, so the transport stops for good and :attr:`WebSocketTransport.refused` says why.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import threading
 from collections.abc import Callable, Mapping
@@ -24,11 +29,27 @@ import tornado.websocket
 
 from anvil_nb import protocol
 from anvil_nb.errors import ProtocolError
-from anvil_nb.transports.base import MessageHandler, Transport
+from anvil_nb.logs import RateLimiter, clip
+from anvil_nb.transports.base import KEY_REFUSALS, MessageHandler, Transport
 
-__all__ = ["WebSocketTransport"]
+__all__ = ["FIRST_RETRY_DELAY", "MAX_RETRY_DELAY", "WebSocketTransport"]
 
 log = logging.getLogger("anvil_nb.transport")
+
+#: Seconds before the first attempt to reconnect; each failed attempt doubles it ...
+FIRST_RETRY_DELAY = 1.0
+#: ... up to this many seconds.
+MAX_RETRY_DELAY = 10.0
+
+_CONNECT_ERRORS = (
+    OSError,
+    tornado.httpclient.HTTPClientError,
+    tornado.websocket.WebSocketError,
+    asyncio.TimeoutError,
+    concurrent.futures.TimeoutError,
+)
+
+_quiet = RateLimiter()
 
 
 class WebSocketTransport(Transport):
@@ -43,11 +64,11 @@ class WebSocketTransport(Transport):
     kind : str, optional
         ``"server_module"`` to join as a kernel would (server key only).
     reconnect : bool
-        Reconnect after the connection drops.
+        Reconnect after the connection drops (unless the host refused the key).
     extra_headers : dict, optional
         Added to the upgrade request.
     connect_timeout : float
-        Seconds to wait for the first connection.
+        Seconds to wait for the first connection (and for each later attempt).
     """
 
     def __init__(
@@ -62,20 +83,20 @@ class WebSocketTransport(Transport):
         max_frame_bytes: int = protocol.DEFAULT_MAX_FRAME_BYTES,
     ):
         self.url = url
-        self._hello: dict[str, Any] = {"key": key, "v": protocol.PROTOCOL_VERSION}
-        if kind is not None:
-            self._hello["kind"] = kind
+        self._hello = protocol.hello(key, kind)
         self.reconnect = reconnect
         self.extra_headers = dict(extra_headers or {})
         self.connect_timeout = connect_timeout
         self.max_frame_bytes = max_frame_bytes
+        #: The host's fatal error when it refused the key; no more reconnections then.
+        self.refused: str | None = None
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._run, name="anvil_nb-uplink", daemon=True)
         self._ws: tornado.websocket.WebSocketClientConnection | None = None
         self._on_message: MessageHandler | None = None
         self._on_close: Callable[[str], None] | None = None
         self._closing = False
-        self._fatal = False
+        self._delay = FIRST_RETRY_DELAY
         self._reader: concurrent.futures.Future[None] | None = None
 
     @property
@@ -87,6 +108,16 @@ class WebSocketTransport(Transport):
     def connected(self) -> bool:
         """Whether a connection is up now."""
         return self._ws is not None
+
+    @property
+    def reconnects(self) -> bool:
+        """Whether a lost connection will be re-established (False once closed or refused)."""
+        return self.reconnect and self.refused is None and not self._closing
+
+    @property
+    def reading(self) -> bool:
+        """Whether the I/O thread still reads or reconnects (False once it gave up for good)."""
+        return self._reader is not None and not self._reader.done()
 
     def _run(self) -> None:
         asyncio.set_event_loop(self._loop)
@@ -103,29 +134,30 @@ class WebSocketTransport(Transport):
         future = asyncio.run_coroutine_threadsafe(self._connect(), self._loop)
         try:
             future.result(self.connect_timeout + 5)
-        except (
-            OSError,
-            tornado.httpclient.HTTPClientError,
-            concurrent.futures.TimeoutError,
-        ) as exc:
+        except _CONNECT_ERRORS as exc:
+            future.cancel()
             self._stop_loop()
             raise ConnectionError(f"Could not connect to {self.url}: {exc}") from exc
         self._reader = asyncio.run_coroutine_threadsafe(self._read_forever(), self._loop)
 
     def send(self, msg: dict[str, Any], media: Mapping[str, bytes] | None = None) -> None:
-        """Queue a message (and its media) for the I/O thread, in order."""
+        """Queue a message (and its media) for the I/O thread, in order.
+
+        Raises ``ConnectionError`` when no connection is up now (nothing was sent).
+        """
         if self._ws is None or self._closing:
             raise ConnectionError(f"not connected to {self.url}")
         data = protocol.encode(msg)
         self._loop.call_soon_threadsafe(self._write, data, msg.get("id"), media)
 
     def close(self) -> None:
-        """Close for good: no reconnection; ``on_close`` is called once."""
+        """Close for good: no reconnection; ``on_close`` is called once if a connection was up."""
         if self._closing:
             return
         self._closing = True
         if self._thread.is_alive():
-            asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop).result(10)
+            with contextlib.suppress(concurrent.futures.TimeoutError, RuntimeError):
+                asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop).result(10)
             self._stop_loop()
 
     # -- I/O thread --------------------------------------------------------------------------
@@ -139,8 +171,15 @@ class WebSocketTransport(Transport):
         ws = await tornado.websocket.websocket_connect(
             request, max_message_size=self.max_frame_bytes
         )
-        ws.protocol.set_nodelay(True)  # type: ignore[union-attr] # small frames: never wait on Nagle
-        await ws.write_message(protocol.encode(self._hello))
+        try:
+            ws.protocol.set_nodelay(True)  # type: ignore[union-attr] # small frames: never wait on Nagle
+            await ws.write_message(protocol.encode(self._hello))
+        except BaseException:
+            ws.close()
+            raise
+        if self._closing:
+            ws.close()
+            raise ConnectionError("the transport was closed while connecting")
         self._ws = ws
 
     def _write(self, data: bytes, request_id: Any, media: Mapping[str, bytes] | None) -> None:
@@ -157,24 +196,48 @@ class WebSocketTransport(Transport):
             log.debug("write to %s dropped: connection closed", self.url)
 
     async def _read_forever(self) -> None:
-        delay = 1.0
+        """Read each connection until it ends, then connect again (see the module docstring)."""
         while not self._closing:
-            reason = await self._read_connection()
+            try:
+                reason = await self._read_connection()
+            except Exception as exc:  # never let the reader die: that would end reconnection
+                log.exception("reading from %s failed", self.url)
+                reason = f"internal error while reading: {type(exc).__name__}"
+                ws = self._ws
+                if ws is not None:
+                    ws.close()
             self._ws = None
             if self._on_close is not None and not self._closing:
                 self._on_close(reason)
-            if self._closing or self._fatal or not self.reconnect:
+            if not self.reconnects:
+                if self.refused is not None:
+                    log.error(
+                        "%s refused this connection (%s): not reconnecting",
+                        self.url,
+                        clip(self.refused),
+                    )
                 return
-            while not self._closing:
-                await asyncio.sleep(delay)
-                try:
-                    await self._connect()
-                    delay = 1.0
-                    log.info("reconnected to %s", self.url)
-                    break
-                except (OSError, tornado.httpclient.HTTPClientError, asyncio.TimeoutError) as exc:
-                    log.info("reconnecting to %s failed: %s", self.url, exc)
-                    delay = min(delay * 2, 10.0)
+            await self._reconnect()
+
+    async def _reconnect(self) -> None:
+        """Try to connect until it works (or the transport is closed), backing off."""
+        while not self._closing:
+            delay = self._delay
+            self._delay = min(delay * 2, MAX_RETRY_DELAY)
+            await asyncio.sleep(delay)
+            if self._closing:
+                return
+            try:
+                await self._connect()
+            except (*_CONNECT_ERRORS, ConnectionError) as exc:
+                _quiet.log(
+                    log, logging.INFO, "reconnect:" + self.url,
+                    "reconnecting to %s failed: %s (next attempt in %g s)",
+                    self.url, clip(str(exc)), self._delay,
+                )  # fmt: skip
+                continue
+            log.debug("connected to %s again; waiting for its answer to the key", self.url)
+            return
 
     async def _read_connection(self) -> str:
         ws = self._ws
@@ -195,16 +258,23 @@ class WebSocketTransport(Transport):
                     if kind == "CHUNK_HEADER":
                         assembler.header(msg)
                         continue
-                    if kind == "fatal":
-                        self._fatal = True
+                    if kind == "auth":
+                        self._delay = FIRST_RETRY_DELAY  # a working connection: back off anew
+                    elif kind == "fatal" and msg.get("error") in KEY_REFUSALS:
+                        self.refused = str(msg.get("error"))
                     done = assembler.message(msg)
             except ProtocolError as exc:
-                log.warning("bad frame from %s: %s", self.url, exc)
+                _quiet.warning(
+                    log, "bad-frame:" + self.url, "bad frame from %s: %s", self.url, clip(str(exc))
+                )
                 ws.close(1002, str(exc)[:120])
                 return str(exc)
             for msg, media in done:
                 if self._on_message is not None:
-                    self._on_message(msg, media)
+                    try:
+                        self._on_message(msg, media)
+                    except Exception:  # a handler's bug must not end the connection's reader
+                        log.exception("handling a message from %s failed", self.url)
 
     async def _shutdown(self) -> None:
         ws, self._ws = self._ws, None
