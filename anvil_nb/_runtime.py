@@ -1,10 +1,18 @@
 """The process's default connection, behind ``anvil_nb.server``.
 
-``server.call`` and friends use one :class:`~anvil_nb.client.Client` per process. When none is
-connected, the first use starts an embedded host in this process (a
-:class:`~anvil_nb.transports.inprocess.HostThread`) and connects to it as a trusted
-``server_module``; ``server.connect`` or ``%load_ext anvil_nb`` replace it with a connection to
-another host.
+``server.call`` and friends use one :class:`~anvil_nb.client.Client` per process.
+
+* A process that never joined a host: the first use starts an embedded host in this process
+  (a :class:`~anvil_nb.transports.inprocess.HostThread`) and connects to it as a trusted
+  ``server_module``.
+* A process that joined a host (``server.connect``, or a kernel whose ``%load_ext anvil_nb``
+  or ``%anvil connect`` reached a host; :func:`set_client` with ``remote=``) stays with that
+  host. It **never** falls back to an embedded host: while the connection is down, calls wait
+  for it to come back (up to the client's ``offline_wait``) and then fail with
+  ``AppOfflineError``; if the host refused the key, every call says so.
+
+:func:`disconnect` (``server.disconnect()``) ends all of it and returns the process to the
+state it started in.
 """
 
 from __future__ import annotations
@@ -12,13 +20,16 @@ from __future__ import annotations
 import threading
 
 from anvil_nb.client import Client
+from anvil_nb.errors import AppOfflineError
 from anvil_nb.transports.inprocess import HostThread
 
-__all__ = ["current_client", "disconnect", "embedded_host", "set_client"]
+__all__ = ["current_client", "disconnect", "embedded_host", "joined_url", "set_client"]
 
 _lock = threading.RLock()
 _client: Client | None = None
 _embedded: HostThread | None = None
+#: The host this process joined (its URL), or None while it never joined one.
+_remote: str | None = None
 
 
 def embedded_host() -> HostThread:
@@ -30,26 +41,54 @@ def embedded_host() -> HostThread:
         return _embedded
 
 
+def joined_url() -> str | None:
+    """The URL of the host this process joined, or ``None`` if it never joined one."""
+    return _remote
+
+
 def current_client(start: bool = True) -> Client | None:
-    """The default client; with *start*, connect to the embedded host if there is none."""
+    """The default client.
+
+    With *start*, a process that never joined a host gets a connection to the embedded host
+    when it has none (or its connection ended). A process that joined a host always gets its
+    client, connected or not (its calls wait for the reconnection).
+
+    Raises
+    ------
+    AppOfflineError
+        With *start*: the process tried to join a host (``server.connect``) and failed, so it
+        has no connection at all.
+    """
     global _client
     with _lock:
+        if _remote is not None:
+            if _client is None and start:
+                raise AppOfflineError(
+                    f"Not connected: joining the host at {_remote} failed; call "
+                    "server.connect(...) again (or server.disconnect() to use an embedded host)"
+                )
+            return _client
         if (_client is None or not _client.connected) and start:
             _client = Client(embedded_host().connect("server_module")).start()
         return _client
 
 
-def set_client(client: Client | None) -> None:
-    """Make *client* the default (closing the previous one)."""
-    global _client
+def set_client(client: Client | None, remote: str | None = None) -> None:
+    """Make *client* the default (closing the previous one).
+
+    *remote* is the URL of the host *client* joined: from then on the process never falls
+    back to an embedded host (``remote`` with no client: joining failed, and calls say so).
+    """
+    global _client, _remote
     with _lock:
         old, _client = _client, client
+        _remote = remote
     if old is not None and old is not client:
         old.close()
 
 
 def disconnect() -> None:
-    """Close the default client and stop the embedded host, if they run."""
+    """Close the default client, stop the embedded host, and forget any host joined."""
     global _embedded
     set_client(None)
     with _lock:

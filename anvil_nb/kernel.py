@@ -92,7 +92,8 @@ def join(url: str | None = None, key: str | None = None) -> Joined:
     except AnvilError as exc:  # an older host: the registry view shows only what this kernel knows
         log.info("anvil_nb: the host does not push registry changes (%s)", exc)
     _output.install()
-    _runtime.set_client(joined.client)
+    # A kernel that joined a host stays with it (never falls back to an embedded one).
+    _runtime.set_client(joined.client, remote=None if joined.embedded else joined.url)
     _joined = joined
     return joined
 

@@ -188,7 +188,15 @@ def connect(
 
     With the host's server key this process is a trusted uplink and serves its
     ``@server.callable`` functions; with the client key it is an untrusted caller. The
-    connection is re-established (and every function registered again) if it drops.
+    connection is re-established (and every function registered again) whenever it drops,
+    after 1 s and then backing off up to 10 s, unless the host refused the key.
+
+    From then on this process stays with that host and never starts an embedded one. Calls
+    in flight when the connection drops fail with ``UplinkDisconnectedError``; calls made
+    while it is down wait for it to come back, at most ``anvil_nb.client.OFFLINE_WAIT``
+    seconds (10 by default; set it before connecting), then fail with ``AppOfflineError``
+    naming the host. After a refused key every call fails at once with
+    ``AppOfflineError("Anvil fatal error: Incorrect uplink key")``.
 
     Parameters
     ----------
@@ -206,12 +214,20 @@ def connect(
     Raises
     ------
     AppOfflineError
-        The host cannot be reached, or refused the key.
+        The host cannot be reached, or refused the key. A process that had no connection
+        yet is then left without one (its calls raise this error too; it does not fall back
+        to an embedded host); one that had a connection keeps it.
     """
     from anvil_nb.transports.websocket import WebSocketTransport  # noqa: PLC0415 - loads tornado
 
-    client = Client(WebSocketTransport(url, key, extra_headers=extra_headers)).start()
-    _runtime.set_client(client)
+    client = Client(WebSocketTransport(url, key, extra_headers=extra_headers))
+    try:
+        client.start()
+    except AppOfflineError:
+        if _runtime.current_client(start=False) is None:
+            _runtime.set_client(client if client.fatal is not None else None, remote=url)
+        raise
+    _runtime.set_client(client, remote=url)
     if not quiet:
         role = "SERVER" if client.own_type == "uplink" else "CLIENT"
         print(f"Connected to {url} as {role}", flush=True)
@@ -220,7 +236,11 @@ def connect(
 
 
 def disconnect() -> None:
-    """Close this process's connection to its host (and stop an embedded host)."""
+    """Close this process's connection to its host (and stop an embedded host).
+
+    Everything ends: calls in flight fail, and the process is as if it had never connected
+    (a later ``server.call`` starts an embedded host, a later ``connect`` joins a host).
+    """
     from anvil_nb import kernel  # noqa: PLC0415 - a kernel that joined with %load_ext leaves properly
 
     kernel.leave()
@@ -302,7 +322,7 @@ def reset_session() -> None:
 
 
 def is_app_online() -> bool:
-    """Whether this process is connected to its host."""
+    """Whether this process is connected to its host now (False while it reconnects)."""
     client = _runtime.current_client(start=False)
     return client is not None and client.connected
 
