@@ -9,10 +9,6 @@ was wrong, and that the provider, its session and other connections are untouche
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import textwrap
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -20,102 +16,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from peers import WAIT, RawWS, ServeProc
-from support import Lines, stop_process, tail
-
-PROVIDER = textwrap.dedent(
-    """
-    import sys, threading, time
-    if sys.argv[1] == "real":
-        import anvil.server as server
-        import anvil._threaded_server as _ts
-
-        def session():  # anvil-uplink 0.7.0 has no anvil.server.session
-            return _ts.call_info.session
-    else:
-        from anvil_nb import server
-
-        def session():
-            return server.session
-
-    @server.callable
-    def whoami():
-        ctx = server.context
-        return {
-            "trusted": ctx.remote_caller.is_trusted,
-            "caller": ctx.remote_caller.type,
-            "client": ctx.client.type,
-            "session": dict(session()),
-        }
-
-    @server.callable
-    def echo(x):
-        return x
-
-    @server.callable
-    def text(n):
-        return "x" * n
-
-    @server.callable
-    def slow(seconds):
-        time.sleep(seconds)  # the work of the call, not a synchronisation
-        return "slept"
-
-    @server.callable
-    def remember(key, value):
-        session()[key] = value
-
-    server.connect(sys.argv[2], url=sys.argv[3], quiet=True)
-    print("READY", flush=True)
-    threading.Event().wait()
-    """
-)
-
-
-class Provider:
-    """A provider process serving whoami/echo/text/slow/remember with the server key."""
-
-    def __init__(self, mode: str, host: ServeProc, base: Path, uplink_dir: Path | None):
-        script = base / "provider.py"
-        script.write_text(PROVIDER)
-        env = dict(os.environ)
-        if mode == "real":
-            env["PYTHONPATH"] = str(uplink_dir)
-        self.log_path = base / f"provider-{mode}.log"
-        self._log = open(self.log_path, "w")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
-            [sys.executable, str(script), mode, host.server_key, host.url],
-            stdout=subprocess.PIPE,
-            stderr=self._log,
-            stdin=subprocess.DEVNULL,
-            text=True,
-            env=env,
-        )
-        self._lines = lines = Lines(self.proc.stdout)
-        deadline = time.monotonic() + WAIT
-        while True:
-            line = lines.next(deadline)
-            if line is None:
-                self.stop()
-                pytest.fail(f"{mode} provider exited:\n{tail(self.log_path)}")
-            if line == "READY":
-                break
-
-    def stop(self) -> None:
-        stop_process(self.proc)
-        self._lines.thread.join(timeout=5)
-        self.proc.stdout.close()  # type: ignore[union-attr]
-        self._log.close()
+from peers import WAIT, ProviderProc, RawWS, ServeProc
 
 
 @pytest.fixture(params=["nb", "real"])
 def provided(
     request: pytest.FixtureRequest, serve_proc: Callable[..., ServeProc], tmp_path: Path
-) -> Iterator[tuple[ServeProc, Provider]]:
+) -> Iterator[tuple[ServeProc, ProviderProc]]:
     """A host and one provider of the parametrised kind (anvil_nb's client or the real one)."""
     uplink_dir = request.getfixturevalue("anvil_uplink_dir") if request.param == "real" else None
     host = serve_proc()
-    provider = Provider(request.param, host, tmp_path, uplink_dir)
+    provider = ProviderProc(request.param, host, tmp_path, uplink_dir)
     try:
         caller = RawWS(host.url)
         try:
@@ -249,7 +160,7 @@ def admin_state(host: ServeProc) -> dict[str, Any]:
 
 def test_f6_calls_that_cannot_be_relayed_hold_nothing(serve_proc, raw_ws, tmp_path):
     host = serve_proc()
-    provider = Provider("nb", host, tmp_path, None)
+    provider = ProviderProc("nb", host, tmp_path, None)
     try:
         ws = client_caller(host, raw_ws)
         deep: Any = 1
@@ -298,7 +209,7 @@ def signed(ws: RawWS, *scope: Any) -> dict[str, Any]:
 
 def test_f11_a_wrong_mac_is_refused_even_from_the_server_key(serve_proc, raw_ws, tmp_path):
     host = serve_proc()
-    provider = Provider("nb", host, tmp_path, None)
+    provider = ProviderProc("nb", host, tmp_path, None)
     try:
         ws = raw_ws(host.url)
         ws.hello(host.server_key)
