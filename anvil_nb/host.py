@@ -600,21 +600,34 @@ class Host:
             )  # fmt: skip
             return
         caller = req.caller
+        if caller is not None and self._over_queue(caller):
+            self._shed(caller)  # this answer and every other one it is waiting for
+            return
         try:
             out = self._relayed_response(req, msg)
             data = self._encode(out, f"response of {clip(req.command)!r}") if caller else b""
-            if caller is not None and self._over_queue(caller):
-                raise QuotaExceededError(
-                    f"The response of {clip(req.command)!r} was dropped: the caller is not reading its "
-                    f"responses (over {self.limits.max_queued_bytes:,} bytes are waiting for it)"
-                )
-        except (ProtocolError, PermissionDenied, SerializationError, QuotaExceededError) as exc:
+        except (ProtocolError, PermissionDenied, SerializationError) as exc:
             error = exc if isinstance(exc, AnvilError) and exc.wire_type else None
             self._release(req, error or SerializationError(str(exc)))
             return
         self._release(req, None, ok="error" not in out, out=out)
         if caller is not None:
             self._send(caller, out, media, data)
+
+    def _shed(self, caller: _PeerState) -> None:
+        """Fail every call of a caller that is not reading its responses.
+
+        Its queue is over the bound, so no answer may be added to it: each call it is waiting
+        for fails now with a small error, and the answers still to come are dropped unread
+        (never decoded into a relayed message, never queued). New calls are refused by
+        :meth:`_admit` until it has read what it was sent.
+        """
+        error = QuotaExceededError(
+            "Response dropped: this connection is not reading its responses (over "
+            f"{self.limits.max_queued_bytes:,} bytes are waiting for it)"
+        )
+        for req in list(caller.calls.values()):
+            self._release(req, error, late=True)
 
     def _relayed_response(self, req: _Request, msg: dict[str, Any]) -> dict[str, Any]:
         """What the caller of *req* is sent for the provider's answer *msg*."""
