@@ -55,11 +55,18 @@ def routes(
 
 
 def websocket_settings(limits: Limits) -> dict[str, Any]:
-    """The tornado settings that bound every WebSocket of a host (frame size, keep-alive)."""
+    """The tornado application settings for a host's WebSockets.
+
+    The host's own handlers read the frame limit and the keep-alive from ``host.limits``
+    themselves (see :class:`~anvil_nb.transports.uplink_ws.UplinkHandler`), so that Jupyter's
+    application, whose settings are Jupyter's, applies the same bounds. These settings give
+    the same frame limit to anything else on the application, and turn tornado's own pings
+    off: they cap the timeout at the interval, and only detach a frozen peer after a further
+    5 s wait for a close handshake it never answers.
+    """
     return {
         "websocket_max_message_size": limits.max_frame_bytes,
-        "websocket_ping_interval": limits.ping_interval,
-        "websocket_ping_timeout": limits.ping_timeout,
+        "websocket_ping_interval": 0,
     }
 
 
@@ -67,6 +74,9 @@ def make_app(host: Host, keys: Keys, prefix: str = "/") -> tornado.web.Applicati
     """A tornado application serving *host* under *prefix* (the standalone placement).
 
     Frames larger than the host's ``limits.max_frame_bytes`` close the connection (larger data
-    goes as Media). WebSocket pings find dead and frozen peers; the real client answers them.
+    goes as Media). Pings every ``limits.ping_interval`` seconds find dead and frozen peers
+    (within ``ping_interval + ping_timeout``); the real client answers them. Serve it with
+    :class:`anvil_nb.transports.listener.HTTPServer`, which bounds the time and the accept
+    errors before the upgrade.
     """
     return tornado.web.Application(routes(host, keys, prefix), **websocket_settings(host.limits))

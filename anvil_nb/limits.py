@@ -30,16 +30,21 @@ class Limits:
     max_media_bytes : int
         Media bytes one connection may have arriving (not yet complete) at once.
     handshake_timeout : float
-        Seconds a new connection has to authenticate (send its key); then it is closed. On the
-        standalone host the same bound closes TCP connections that never finish their HTTP
-        request.
+        Seconds a new WebSocket has to authenticate (send its key); then it gets a fatal error
+        and is closed. On the standalone and embedded hosts' listener the same bound closes TCP
+        connections that never finish their HTTP request (idle sockets, half-sent headers or
+        bodies). ``0``: no bound.
     ping_interval, ping_timeout : float
-        WebSocket keep-alive: a ping every *ping_interval* seconds, and a peer that has not
-        answered for *ping_timeout* seconds is declared lost (a frozen peer is found within
-        ``ping_interval + ping_timeout`` seconds).
+        WebSocket keep-alive: a ping *ping_interval* seconds after the last answer, and a peer
+        that within *ping_timeout* seconds neither answers it, nor sends anything, nor reads
+        any of what waits for it, is declared lost at once (its callers get
+        ``UplinkDisconnectedError``). A frozen peer is found within
+        ``ping_interval + ping_timeout`` seconds (25 s by default). *ping_timeout* may be
+        longer than *ping_interval*. ``ping_interval = 0``: no pings.
     accept_backoff : float
-        Seconds the standalone host stops accepting after an accept error such as EMFILE (too
-        many open files), instead of spinning.
+        Seconds the standalone and embedded hosts stop accepting after an accept error such as
+        EMFILE (too many open files), instead of spinning. (Inside ``jupyter server`` the
+        listener is Jupyter's.)
     log_interval : float
         A repeated warning is logged at most once per this many seconds (with a count).
     """

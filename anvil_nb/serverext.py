@@ -17,6 +17,14 @@ Configuration (``jupyter_server_config.py`` or the command line)::
     c.AnvilNB.client_key = "..."
     c.AnvilNB.data_dir = "..."     # sessions, MAC key and keys; default: the user data dir
     c.AnvilNB.public = False       # let browsers and HTTP clients in without Jupyter auth
+
+What one connection may cost is bounded by :class:`~anvil_nb.limits.Limits` (the defaults): the
+host's WebSocket handlers read the frame limit, the hello deadline and the keep-alive (a ping
+every ``ping_interval``; a frozen peer is lost within ``ping_interval + ping_timeout``) from
+``host.limits`` themselves, not from Jupyter's application settings. The TCP listener is
+Jupyter's own, so the bounds before the WebSocket upgrade (idle connections, half-sent
+requests, accept errors such as running out of file descriptors) are Jupyter's and tornado's,
+not those of :mod:`anvil_nb.transports.listener`.
 """
 
 from __future__ import annotations
@@ -34,7 +42,7 @@ from traitlets import Bool, Unicode, default
 from anvil_nb.app import Handlers, routes
 from anvil_nb.handlers import admin_state, no_endpoint
 from anvil_nb.host import Host
-from anvil_nb.protocol import DEFAULT_MAX_FRAME_BYTES
+from anvil_nb.limits import DEFAULT_LIMITS, Limits
 from anvil_nb.serve import default_data_dir, load_keys
 from anvil_nb.transports.uplink_ws import BrowserHandler, UplinkHandler
 
@@ -50,18 +58,7 @@ def _require_user(handler: Any) -> None:
         raise web.HTTPError(403, "Jupyter authentication is required (or set c.AnvilNB.public)")
 
 
-class _JupyterWebSocket:
-    """What Jupyter's application does not set for WebSockets: the frame limit and pings.
-
-    (These shadow tornado's properties, which read the application-wide settings.)
-    """
-
-    max_message_size = DEFAULT_MAX_FRAME_BYTES
-    ping_interval = 25
-    ping_timeout = 25
-
-
-class JupyterUplinkHandler(_JupyterWebSocket, UplinkHandler):
+class JupyterUplinkHandler(UplinkHandler):
     """``_/uplink`` inside Jupyter: the uplink key authenticates, not Jupyter (DESIGN.md)."""
 
     @allow_unauthenticated
@@ -69,7 +66,7 @@ class JupyterUplinkHandler(_JupyterWebSocket, UplinkHandler):
         await super().get(*args, **kwargs)
 
 
-class JupyterBrowserHandler(_JupyterWebSocket, BrowserHandler, JupyterHandler):
+class JupyterBrowserHandler(BrowserHandler, JupyterHandler):
     """``_/ws`` inside Jupyter: Jupyter's auth and Origin rules, then the browser protocol."""
 
     check_origin = JupyterHandler.check_origin  # type: ignore[assignment]
@@ -144,6 +141,9 @@ class AnvilNB(ExtensionApp):
         ),
     ).tag(config=True)
 
+    #: The host's bounds (not configurable yet: the defaults of every placement).
+    limits: Limits = DEFAULT_LIMITS
+
     @default("data_dir")
     def _default_data_dir(self) -> str:
         return str(default_data_dir())
@@ -154,7 +154,7 @@ class AnvilNB(ExtensionApp):
         self.keys, generated = load_keys(data_dir, self.server_key or None, self.client_key or None)
         if generated:
             self.log.info("anvil_nb: generated uplink keys, kept in %s", data_dir / "keys.json")
-        self.host = Host(data_dir=data_dir)
+        self.host = Host(data_dir=data_dir, limits=self.limits)
         self.host.client_key = self.keys.client_key
         self.settings["anvil_nb_host"] = self.host
 

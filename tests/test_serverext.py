@@ -408,14 +408,17 @@ async def test_uplink_frames_up_to_16_mib_are_accepted(open_ws: Callable[..., An
 async def test_uplink_connections_are_pinged_to_find_dead_peers(
     server: Any, open_ws: Callable[..., Any]
 ):
-    # docs/protocol.md: WebSocket pings every 25 s find dead peers; Jupyter's own default is
-    # no pings at all (ServerApp.websocket_ping_interval = 0), so the route must set its own.
+    # Jupyter's own default is no pings at all (ServerApp.websocket_ping_interval = 0): the
+    # handler runs its own keep-alive from the host's Limits, so a frozen peer is found within
+    # ping_interval + ping_timeout (tests/reliability/test_bounds.py measures it standalone).
     ws = await open_ws("uplink")
     await ws.write_message(orjson.dumps({"key": SERVER_KEY, "v": protocol.PROTOCOL_VERSION}))
     assert (await read_json(ws) or {}).get("auth") == "OK"
     (peer,) = anvil_extension(server).host.peers
     handler = peer._handler  # white-box: waiting 25 s for a real ping is too slow for a test
-    assert handler.ping_interval and handler.ping_interval <= 25
+    limits = handler.host.limits
+    assert 0 < limits.ping_interval and limits.ping_interval + limits.ping_timeout <= 30
+    assert handler._keep_alive_task is not None and not handler._keep_alive_task.done()
 
 
 # ---------------------------------------------------------------------------------------------

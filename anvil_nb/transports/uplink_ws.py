@@ -8,26 +8,35 @@ client's Origin never matches tornado's default check when the URL has no explic
 
 Bad input never reaches other connections: a malformed frame, an unknown message type, a chunk
 for unknown media or too much buffered media ends *this* connection with a fatal error that
-says what was wrong. ``on_message`` is a coroutine, so while the peer is not reading what we
-send it, we stop reading from it (backpressure instead of unbounded buffers).
+says what was wrong. While the peer is not reading what we send it, ``on_message`` returns a
+future that tornado waits for before it reads the next frame: we stop reading from that peer
+(backpressure instead of unbounded buffers). What one connection may cost (frame size, time to
+say hello, keep-alive, unread bytes) comes from the host's :class:`~anvil_nb.limits.Limits`;
+peer-supplied text reaches the log clipped, and warnings a peer can trigger at will are
+rate-limited.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hmac
 import logging
 import secrets
+import traceback
+import weakref
 from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import tornado.websocket
+from tornado.ioloop import IOLoop
 
 from anvil_nb import protocol
 from anvil_nb.errors import ProtocolError
 from anvil_nb.host import Host
+from anvil_nb.logs import RateLimiter, clip
 
 __all__ = ["BrowserHandler", "Keys", "UplinkHandler", "WebSocketPeer"]
 
@@ -35,6 +44,25 @@ log = logging.getLogger("anvil_nb.uplink")
 
 #: Unflushed writes to a peer after which we stop reading from it until they drain.
 MAX_UNFLUSHED_WRITES = 256
+#: Seconds a connection we closed has to answer the close handshake before its socket goes.
+CLOSE_GRACE = 1.0
+#: Characters of a fatal error's text sent to the peer at most.
+MAX_FATAL_CHARS = 500
+
+_limiters: weakref.WeakKeyDictionary[Host, RateLimiter] = weakref.WeakKeyDictionary()
+
+
+def _quiet(host: Host) -> RateLimiter:
+    """The transport's rate limiter for warnings about *host*'s connections."""
+    limiter = _limiters.get(host)
+    if limiter is None:
+        limiter = _limiters[host] = RateLimiter(host.limits.log_interval)
+    return limiter
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    """Retrieve *future*'s exception once it is done (a write to a closed connection)."""
+    future.add_done_callback(lambda f: f.cancelled() or f.exception())
 
 
 @dataclass(frozen=True)
@@ -66,9 +94,11 @@ class Keys:
 class WebSocketPeer:
     """The host's handle on one uplink WebSocket.
 
-    It counts the bytes written that the peer has not read yet (:attr:`queued_bytes`); the
-    handler stops reading from a peer while that is over the host's bound, and the host refuses
-    its new calls and fails responses that would queue more.
+    It counts the bytes written that the peer has not read yet (:attr:`queued_bytes`: tornado's
+    write futures resolve once their bytes are handed to the kernel, so this is what waits in
+    the host's own memory). While that is over the host's bound (or too many writes wait), the
+    handler stops reading from the peer, and the host refuses its new calls and fails responses
+    that would queue more.
     """
 
     def __init__(self, handler: UplinkHandler, kind: str, ip: str | None):
@@ -76,42 +106,45 @@ class WebSocketPeer:
         self.kind = kind
         self.client: dict[str, Any] = {"type": kind, "ip": ip or ""}
         self._handler = handler
+        #: Bytes written and not yet flushed to the socket, and how many writes.
         self.queued_bytes = 0
         self.unflushed = 0
-        self._drained = asyncio.Event()
-        self._drained.set()
+        #: Bytes flushed so far (the keep-alive's evidence that a busy peer is reading).
+        self.flushed_bytes = 0
+        self._blocked = False
+        self._waiter: asyncio.Future[None] | None = None
 
     def send(
         self, data: bytes, media: Mapping[str, bytes] | None = None, request_id: Any = None
     ) -> None:
         """Write an encoded message, then its media, each chunk header right before its chunk."""
-        handler = self._handler
         try:
-            self._track(handler.write_message(data), len(data))
+            self._write(data)
             if media:
                 for header, chunk in protocol.chunk_media(request_id, media):
-                    handler.write_message(protocol.encode(header))
-                    self._track(handler.write_message(chunk, binary=True), len(chunk))
+                    self._write(protocol.encode(header))
+                    self._write(chunk, binary=True)
         except tornado.websocket.WebSocketClosedError:
             log.debug("%s: message dropped, the connection is closed", self.name)
 
-    def _track(self, future: asyncio.Future[None], size: int) -> None:
-        if future.done():  # written straight to the socket: the usual case
-            future.exception()
-            return
+    def _write(self, data: bytes, binary: bool = False) -> None:
+        future = self._handler.write_message(data, binary=binary)
+        size = len(data)
         self.unflushed += 1
         self.queued_bytes += size
         if self.unflushed >= MAX_UNFLUSHED_WRITES or self.over_bound():
-            self._drained.clear()
-        future.add_done_callback(lambda f: self._flushed(f, size))
+            self._blocked = True
+        future.add_done_callback(functools.partial(self._flushed, size))
 
-    def _flushed(self, future: asyncio.Future[None], size: int) -> None:
+    def _flushed(self, size: int, future: asyncio.Future[None]) -> None:
         if not future.cancelled():
             future.exception()  # retrieve it: a closed connection is handled by on_close
         self.unflushed -= 1
         self.queued_bytes -= size
-        if self.unflushed < MAX_UNFLUSHED_WRITES // 2 and not self.over_bound(half=True):
-            self._drained.set()
+        self.flushed_bytes += size
+        drained = self.unflushed < MAX_UNFLUSHED_WRITES // 2 and not self.over_bound(half=True)
+        if self._blocked and drained:
+            self.unblock()
 
     def over_bound(self, half: bool = False) -> bool:
         """Whether the unread bytes are over the host's bound (or half of it)."""
@@ -121,19 +154,58 @@ class WebSocketPeer:
     @property
     def blocked(self) -> bool:
         """Whether reading from this peer should pause until it has read what it was sent."""
-        return not self._drained.is_set()
+        return self._blocked
 
-    async def drained(self) -> None:
-        """Wait until the peer has read most of what was written to it."""
-        await self._drained.wait()
+    def drained(self) -> asyncio.Future[None]:
+        """A future that resolves once the peer has read most of what was written to it (or
+        the connection has ended).
+
+        A plain future, not a task: at shutdown nothing cancels it under tornado's read loop.
+        """
+        if self._waiter is None or self._waiter.done():
+            self._waiter = asyncio.get_running_loop().create_future()
+            if not self._blocked:
+                self._waiter.set_result(None)
+        return self._waiter
+
+    def unblock(self) -> None:
+        """Let reading resume (the peer drained, or the connection is gone)."""
+        self._blocked = False
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def close(self, reason: str) -> None:
         """Close the connection (after a fatal error has been sent)."""
-        self._handler.close(1008, reason[:120])
+        self._handler.close_after_fatal(reason)
+
+
+def _describe(msg: dict[str, Any]) -> str:
+    """A short description of a message for errors and logs (never its whole content)."""
+    keys = ", ".join(clip(k, 30) for k in list(msg)[:8])
+    more = f" and {len(msg) - 8} more" if len(msg) > 8 else ""
+    return f"type {clip(msg.get('type'), 40)}, keys {keys}{more}"
 
 
 class UplinkHandler(tornado.websocket.WebSocketHandler):
-    """``_/uplink``: one connection of an uplink (real ``anvil-uplink`` client or anvil_nb's)."""
+    """``_/uplink``: one connection of an uplink (real ``anvil-uplink`` client or anvil_nb's).
+
+    What one connection may cost is bounded by the host's :class:`~anvil_nb.limits.Limits`,
+    read here rather than from tornado's application settings (so every placement, Jupyter's
+    too, applies the same ones):
+
+    * ``max_frame_bytes``: a larger frame closes the connection (tornado's message limit);
+    * ``handshake_timeout``: a connection without a valid hello by then gets a fatal error and
+      is closed;
+    * ``ping_interval`` / ``ping_timeout``: the keep-alive. A ping goes out ``ping_interval``
+      seconds after the last answer; a peer that within ``ping_timeout`` neither answers it
+      (pong), nor sends a frame, nor reads any of what is waiting for it, is declared lost at
+      once: it is detached (its callers get ``UplinkDisconnectedError``) and its socket
+      closed. A frozen peer is thus found within ``ping_interval + ping_timeout`` seconds.
+      (tornado's own pinging caps the timeout at the interval and detaches only after a
+      further 5 s wait for a close handshake that a frozen peer never answers: not used.)
+    * ``max_queued_bytes``: see :class:`WebSocketPeer`.
+    """
 
     def initialize(self, host: Host, keys: Keys, public: bool = False) -> None:  # noqa: D102
         self.host = host
@@ -142,9 +214,39 @@ class UplinkHandler(tornado.websocket.WebSocketHandler):
         self.peer: WebSocketPeer | None = None
         self.assembler = protocol.MediaAssembler()
         self._closed = False
+        self._timers: list[object] = []
+        self._keep_alive_task: asyncio.Task[None] | None = None
+        self._pong: asyncio.Future[None] | None = None
+        self._stream: Any = None
+        self._received_bytes = 0
+
+    @property
+    def max_message_size(self) -> int:  # type: ignore[override]
+        """The host's frame limit (larger frames close the connection)."""
+        return self.host.limits.max_frame_bytes
+
+    @property
+    def ping_interval(self) -> float | None:  # type: ignore[override]
+        """0: tornado sends no pings; this handler's own keep-alive does (see the class)."""
+        return 0
+
+    @property
+    def ping_timeout(self) -> float | None:  # type: ignore[override]  # noqa: D102
+        return 0
 
     def open(self) -> None:  # noqa: D102
         self.set_nodelay(True)  # small frames, request/response: never wait on Nagle
+        # Kept to drop the socket at once: handler.close() forgets the connection, and tornado
+        # then waits 5 s for the peer's half of the close handshake.
+        self._stream = self.ws_connection.stream  # type: ignore[union-attr]
+        limits = self.host.limits
+        if self.peer is None and limits.handshake_timeout > 0:
+            self._later(limits.handshake_timeout, self._handshake_expired)
+        if limits.ping_interval > 0:
+            self._keep_alive_task = asyncio.ensure_future(self._keep_alive())
+
+    def _later(self, delay: float, callback: Any) -> None:
+        self._timers.append(IOLoop.current().call_later(delay, callback))
 
     def check_origin(self, origin: str) -> bool:  # noqa: ARG002
         """Accept any Origin: the uplink key authenticates."""
@@ -161,20 +263,29 @@ class UplinkHandler(tornado.websocket.WebSocketHandler):
         """
         if self._closed:
             return None
+        self._received_bytes += len(message)
         try:
             self._handle(message)
         except ProtocolError as exc:
-            self.fatal(str(exc))
+            self.fatal(str(exc), key="protocol")
         except Exception as exc:
-            error_id = secrets.token_hex(4)
-            log.exception(
-                "%s: internal error %s", self.peer.name if self.peer else "uplink", error_id
-            )
-            self.fatal(f"Internal error in the host ({error_id}): {type(exc).__name__}")
+            self._internal_error(exc)
         peer = self.peer
-        if peer is not None and peer.blocked:
+        if peer is not None and peer.blocked and not self._closed:
             return peer.drained()
         return None
+
+    def _internal_error(self, exc: Exception) -> None:
+        error_id = secrets.token_hex(4)
+        if _quiet(self.host).allow("internal") is not None:
+            trace = "".join(traceback.format_tb(exc.__traceback__))
+            log.error(
+                "%s: internal error %s: %s\n%s", self._who(), error_id, clip(repr(exc)), trace
+            )
+        self.fatal(f"Internal error in the host ({error_id}): {type(exc).__name__}", key="internal")
+
+    def _who(self) -> str:
+        return self.peer.name if self.peer else f"uplink from {self.request.remote_ip}"
 
     def _handle(self, message: str | bytes) -> None:
         if isinstance(message, bytes):
@@ -196,7 +307,7 @@ class UplinkHandler(tornado.websocket.WebSocketHandler):
             if msg.get("type") == "REGISTER_LIVE_OBJECT_BACKEND":  # refused, as by the App Server
                 raise ProtocolError("Cannot register live-object backends the uplink.")
             if kind in ("unknown", "auth", "fatal", "output", "LAUNCH_BACKGROUND"):
-                raise ProtocolError(f"unexpected message from an uplink: {str(msg)[:100]}")
+                raise ProtocolError(f"unexpected message from an uplink ({_describe(msg)})")
             done = self.assembler.message(msg)
         for msg, media in done:
             self.host.receive(self.peer, msg, media)  # type: ignore[arg-type]
@@ -204,17 +315,24 @@ class UplinkHandler(tornado.websocket.WebSocketHandler):
     def _handshake(self, msg: dict[str, Any]) -> None:
         version = msg.get("v")
         if not isinstance(version, int) or version < protocol.MIN_PROTOCOL_VERSION:
-            self.fatal(protocol.OUTDATED_CLIENT)
+            self.fatal(protocol.OUTDATED_CLIENT, key="handshake")
             return
         kind = self.keys.kind_of(msg.get("key"))
         if kind is None:
-            self.fatal(protocol.BAD_KEY)
+            self.fatal(protocol.BAD_KEY, key="handshake")
             return
         # anvil_nb's kernels join as server modules; only the server key may ask for it.
         if kind == "uplink" and msg.get("kind") == "server_module":
             kind = "server_module"
         self.peer = WebSocketPeer(self, kind, self.request.remote_ip)
         self.host.attach(self.peer)
+
+    def _handshake_expired(self) -> None:
+        if self.peer is not None or self._closed:
+            return
+        timeout = self.host.limits.handshake_timeout
+        self.fatal(f"No valid hello (uplink key) within {timeout:g} s", key="handshake-timeout")
+        self._abort()  # it never spoke: nothing it sends now matters
 
     def _media_error(self, msg: dict[str, Any]) -> None:
         held = self.assembler.failed(msg)
@@ -232,19 +350,101 @@ class UplinkHandler(tornado.websocket.WebSocketHandler):
         else:
             self.host.receive(self.peer, {"id": held.get("id"), "error": error}, {})  # type: ignore[arg-type]
 
-    def fatal(self, text: str) -> None:
-        """Send a fatal error (no ``id``) and close this connection."""
-        log.warning("uplink %s: %s", self.peer.name if self.peer else self.request.remote_ip, text)
+    def fatal(self, text: str, key: str = "fatal") -> None:
+        """Send a fatal error (no ``id``) and close this connection.
+
+        Logged clipped and rate-limited per *key* (a peer can trigger these at will).
+        """
+        _quiet(self.host).warning(log, "fatal:" + key, "%s: %s", self._who(), clip(text))
         if self._closed:
             return
-        self._closed = True
+        text = clip(text, MAX_FATAL_CHARS)
         with contextlib.suppress(tornado.websocket.WebSocketClosedError):
-            self.write_message(protocol.encode(protocol.fatal(text)))
-        self.close(1008, text[:120])
+            _retrieve(self.write_message(protocol.encode(protocol.fatal(text))))
+        self.close_after_fatal(text)
+
+    def close_after_fatal(self, reason: str) -> None:
+        """Close with *reason*; the socket goes after a short grace for the close handshake."""
+        self._closed = True
+        self._stop_keep_alive()
+        if self.peer is not None:
+            self.peer.unblock()
+        self.close(1008, protocol.close_reason(reason))
+        self._later(CLOSE_GRACE, self._abort)
+
+    def _abort(self) -> None:
+        """Close the socket now (no close handshake)."""
+        self._closed = True
+        if self.peer is not None:
+            self.peer.unblock()
+        if self._stream is not None:
+            self._stream.close()  # tornado's read loop ends, then on_close runs
+
+    # -----------------------------------------------------------------------------------------
+    # Keep-alive
+
+    def on_pong(self, data: bytes) -> None:  # noqa: ARG002, D102
+        if self._pong is not None and not self._pong.done():
+            self._pong.set_result(None)
+
+    async def _keep_alive(self) -> None:
+        limits = self.host.limits
+        interval, timeout = limits.ping_interval, limits.ping_timeout
+        loop = asyncio.get_running_loop()
+        while not self._closed:
+            await asyncio.sleep(interval)
+            peer = self.peer
+            received = self._received_bytes
+            backlog = peer.queued_bytes if peer is not None else 0
+            flushed = peer.flushed_bytes if peer is not None else 0
+            self._pong = pong = loop.create_future()
+            try:
+                self.ping()
+            except tornado.websocket.WebSocketClosedError:
+                return
+            if timeout <= 0:
+                continue
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(pong, timeout)
+                continue
+            # Its pong may wait behind frames we have not read yet: frames read since the ping
+            # show it is alive, and so do bytes it read of a backlog (we pause reading while
+            # it is behind, so then its frames and pongs wait).
+            if self._received_bytes > received:
+                continue
+            peer = self.peer
+            if peer is not None and peer.flushed_bytes > flushed and (backlog or peer.blocked):
+                continue
+            self._lost(f"no answer to a ping within {timeout:g} s")
+            return
+
+    def _lost(self, reason: str) -> None:
+        """Declare the peer lost now: detach it (its callers fail at once) and drop the socket."""
+        if self._closed:
+            return
+        _quiet(self.host).warning(log, "lost", "%s: %s; connection closed", self._who(), reason)
+        self._closed = True
+        self._stop_keep_alive()
+        if self.peer is not None:
+            self.host.detach(self.peer)
+        with contextlib.suppress(Exception):
+            self.close(1001, protocol.close_reason(reason))
+        self._abort()
+
+    def _stop_keep_alive(self) -> None:
+        task, self._keep_alive_task = self._keep_alive_task, None
+        if task is not None and task is not asyncio.current_task():
+            task.cancel()
 
     def on_close(self) -> None:  # noqa: D102
         self._closed = True
+        loop = IOLoop.current()
+        for timer in self._timers:
+            loop.remove_timeout(timer)
+        self._timers.clear()
+        self._stop_keep_alive()
         if self.peer is not None:
+            self.peer.unblock()
             self.host.detach(self.peer)
 
 
@@ -256,6 +456,6 @@ class BrowserHandler(UplinkHandler):
     """
 
     def open(self, *args: Any, **kwargs: Any) -> None:  # noqa: D102, ARG002
+        self.peer = WebSocketPeer(self, "browser", self.request.remote_ip)  # no hello to wait for
         super().open()
-        self.peer = WebSocketPeer(self, "browser", self.request.remote_ip)
         self.host.attach(self.peer, greet=False)
