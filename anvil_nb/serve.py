@@ -10,28 +10,37 @@ keys are printed on stderr. Once it accepts connections it prints one line on st
 
 SIGINT or SIGTERM stop it: calls in flight fail with ``RuntimeUnavailableError``, connections
 close, and it exits with status 0.
+
+What one connection may cost is bounded by one :class:`~anvil_nb.limits.Limits`, built from the
+command line (``--max-frame-bytes``, ``--max-calls-in-flight``, ``--max-queued-bytes``,
+``--handshake-timeout``, ``--ping-interval``, ``--ping-timeout``); the listener
+(:mod:`anvil_nb.transports.listener`) closes connections that never finish their HTTP request
+and backs off from accept errors such as running out of file descriptors.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import ctypes
 import json
 import logging
 import os
+import platform
 import signal
 import sys
 from pathlib import Path
+from typing import Any
 
 import platformdirs
-import tornado.httpserver
 import tornado.ioloop
 import tornado.netutil
 
 from anvil_nb.app import make_app
 from anvil_nb.host import Host
-from anvil_nb.limits import Limits
-from anvil_nb.protocol import DEFAULT_MAX_FRAME_BYTES
+from anvil_nb.limits import DEFAULT_LIMITS, Limits
+from anvil_nb.transports.listener import HTTPServer
 from anvil_nb.transports.uplink_ws import Keys
 
 __all__ = ["main", "serve"]
@@ -69,6 +78,38 @@ def load_keys(data_dir: Path, server_key: str | None, client_key: str | None) ->
     return keys, made
 
 
+#: glibc's ``mallopt`` parameter for the size from which allocations get their own mapping.
+_M_MMAP_THRESHOLD = -3
+
+
+def _return_large_buffers_to_the_os(threshold: int = 256 * 1024) -> None:
+    """Make glibc give large freed buffers back to the OS at once (Linux with glibc only).
+
+    glibc raises its mmap threshold (up to 32 MiB) each time a large mapped block is freed, so
+    after a burst of large frames (orjson reserves several times a long string's length while
+    encoding it), the next megabyte-sized buffers come from the heap, where a few long-lived
+    ones (frames waiting for a slow reader) keep everything between them resident: measured,
+    a slow consumer's 32 MiB of queued frames held 275 MiB. A fixed threshold keeps each large
+    buffer in its own mapping, returned when freed.
+    """
+    if sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
+        return
+    with contextlib.suppress(OSError, AttributeError):  # not glibc after all
+        ctypes.CDLL(None).mallopt(_M_MMAP_THRESHOLD, threshold)
+
+
+def limits_from(args: argparse.Namespace) -> Limits:
+    """The host's :class:`Limits` from the command line."""
+    return Limits(
+        max_frame_bytes=args.max_frame_bytes,
+        max_calls_in_flight=args.max_calls_in_flight,
+        max_queued_bytes=args.max_queued_bytes,
+        handshake_timeout=args.handshake_timeout,
+        ping_interval=args.ping_interval,
+        ping_timeout=args.ping_timeout,
+    )
+
+
 async def serve(args: argparse.Namespace) -> int:
     """Run the host until SIGINT or SIGTERM."""
     data_dir = Path(args.data_dir) if args.data_dir else default_data_dir()
@@ -79,12 +120,13 @@ async def serve(args: argparse.Namespace) -> int:
             file=sys.stderr,
             flush=True,
         )
-    limits = Limits(max_frame_bytes=args.max_frame_bytes)
+    limits = limits_from(args)
+    _return_large_buffers_to_the_os()
     host = Host(data_dir=data_dir, call_timeout=args.call_timeout, limits=limits)
     host.client_key = keys.client_key
     app = make_app(host, keys, "/")
     sockets = tornado.netutil.bind_sockets(args.port, args.host)
-    server = tornado.httpserver.HTTPServer(app, max_body_size=args.max_frame_bytes)
+    server = HTTPServer(app, limits=limits, max_body_size=limits.max_frame_bytes)
     server.add_sockets(sockets)
     port = sockets[0].getsockname()[1]
     shown = f"[{args.host}]" if ":" in args.host else args.host
@@ -109,6 +151,28 @@ async def serve(args: argparse.Namespace) -> int:
     except asyncio.TimeoutError:
         log.warning("some connections did not close in time")
     return 0
+
+
+def _positive(kind: type) -> Any:
+    def parse(text: str) -> Any:
+        value = kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be positive: {text}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def _non_negative(kind: type) -> Any:
+    def parse(text: str) -> Any:
+        value = kind(text)
+        if not value >= 0:  # also refuses nan
+            raise argparse.ArgumentTypeError(f"must be 0 or more: {text}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -136,11 +200,62 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="seconds before a call fails with TimeoutError",
     )
-    s.add_argument(
+    d = DEFAULT_LIMITS
+    bounds = s.add_argument_group(
+        "bounds", "what one connection may cost the host (see anvil_nb.limits.Limits)"
+    )
+    bounds.add_argument(
         "--max-frame-bytes",
-        type=int,
-        default=DEFAULT_MAX_FRAME_BYTES,
-        help="largest WebSocket frame accepted",
+        type=_positive(int),
+        default=d.max_frame_bytes,
+        help=f"largest WebSocket frame accepted or sent (default {d.max_frame_bytes})",
+    )
+    bounds.add_argument(
+        "--max-calls-in-flight",
+        type=_positive(int),
+        default=d.max_calls_in_flight,
+        help=(
+            "calls one connection may have waiting at once; more fail with QuotaExceededError "
+            f"(default {d.max_calls_in_flight})"
+        ),
+    )
+    bounds.add_argument(
+        "--max-queued-bytes",
+        type=_positive(int),
+        default=d.max_queued_bytes,
+        help=(
+            "bytes sent to a connection that it has not read yet; past this the host stops "
+            "reading from it, refuses its calls and fails responses that would queue more "
+            f"(default {d.max_queued_bytes})"
+        ),
+    )
+    bounds.add_argument(
+        "--handshake-timeout",
+        type=_non_negative(float),
+        default=d.handshake_timeout,
+        help=(
+            "seconds a new connection has to send its HTTP request and then its uplink key "
+            f"before it is closed; 0: no limit (default {d.handshake_timeout:g})"
+        ),
+    )
+    bounds.add_argument(
+        "--ping-interval",
+        type=_non_negative(float),
+        default=d.ping_interval,
+        help=(
+            "seconds between WebSocket pings (after the last answer); 0: no pings "
+            f"(default {d.ping_interval:g})"
+        ),
+    )
+    bounds.add_argument(
+        "--ping-timeout",
+        type=_non_negative(float),
+        default=d.ping_timeout,
+        help=(
+            "seconds a peer has to answer a ping (or read what waits for it) before it is "
+            "declared lost; a frozen peer is found within ping interval + ping timeout "
+            f"(default {d.ping_timeout:g})"
+        ),
     )
     s.add_argument("--log-level", default="WARNING", help="logging level (default WARNING)")
     args = parser.parse_args(argv)

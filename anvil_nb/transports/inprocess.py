@@ -72,16 +72,18 @@ class HostThread:
         """Serve the host's routes over HTTP on *address* (an ephemeral port by default).
 
         This is the embedded placement that scripts can reach: uplinks connect to
-        ``ws://address:port/_/uplink`` with *keys*. Returns the port.
+        ``ws://address:port/_/uplink`` with *keys*. Returns the port. The listener applies the
+        host's limits before the upgrade too (idle and half-sent requests are closed after
+        ``handshake_timeout``; accept errors back off instead of spinning).
         """
-        import tornado.httpserver  # noqa: PLC0415 - only the embedded listener needs tornado
-        import tornado.netutil  # noqa: PLC0415
+        import tornado.netutil  # noqa: PLC0415 - only the embedded listener needs tornado
 
         from anvil_nb.app import make_app  # noqa: PLC0415
+        from anvil_nb.transports.listener import HTTPServer  # noqa: PLC0415
 
         def start() -> int:
             sockets = tornado.netutil.bind_sockets(port, address)
-            self._http = tornado.httpserver.HTTPServer(make_app(self.host, keys))
+            self._http = HTTPServer(make_app(self.host, keys), limits=self.host.limits)
             self._http.add_sockets(sockets)
             bound = sockets[0].getsockname()[1]
             self.host.origin = f"http://{address}:{bound}"

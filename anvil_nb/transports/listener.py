@@ -1,0 +1,144 @@
+"""The HTTP listener of the standalone and embedded hosts: bounded in time and in accept errors.
+
+:class:`HTTPServer` is tornado's, with two changes that keep unauthenticated connections from
+costing the host more than :class:`~anvil_nb.limits.Limits` allows:
+
+* a TCP connection that has not sent a complete HTTP request within ``handshake_timeout``
+  seconds (idle sockets, half-sent headers, bodies that never finish) is closed. After the
+  WebSocket upgrade, :class:`~anvil_nb.transports.uplink_ws.UplinkHandler` bounds the time to
+  the hello with the same limit.
+* accept errors do not spin. tornado's own accept loop lets ``accept()`` errors such as
+  ``EMFILE`` (the process is out of file descriptors) escape; the listening socket stays
+  readable, so the event loop calls it again at once and logs the error each time (100 % CPU,
+  megabytes of log per second, and no time left for the connections already open). Here an
+  accept error pauses accepting for ``accept_backoff`` seconds (the waiting connections stay
+  in the kernel's backlog) and is logged at most once per ``log_interval``.
+
+Inside ``jupyter server`` the listener is Jupyter's own (tornado's): these bounds then apply
+from the WebSocket upgrade on, not before it.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import socket
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import tornado.httpserver
+from tornado.ioloop import IOLoop
+
+from anvil_nb.limits import DEFAULT_LIMITS, Limits
+from anvil_nb.logs import RateLimiter
+
+__all__ = ["HTTPServer", "add_accept_handler"]
+
+log = logging.getLogger("anvil_nb.listener")
+
+#: Errors that mean "no resources for another connection now": accepting again at once would
+#: fail the same way.
+RESOURCE_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+#: Connections accepted per readiness event at most (tornado's figure), so one busy listener
+#: cannot starve the connections already open.
+ACCEPTS_PER_EVENT = 128
+
+
+def add_accept_handler(
+    sock: socket.socket,
+    callback: Callable[[socket.socket, Any], None],
+    limits: Limits = DEFAULT_LIMITS,
+    limiter: RateLimiter | None = None,
+) -> Callable[[], None]:
+    """Accept connections on the listening *sock* and pass each to ``callback(conn, address)``.
+
+    Like :func:`tornado.netutil.add_accept_handler`, but an ``accept()`` error stops accepting
+    for ``limits.accept_backoff`` seconds instead of escaping (and being retried at once by the
+    event loop); errors are logged through *limiter*, one line per ``limits.log_interval``.
+    Returns a function that stops accepting.
+    """
+    io_loop = IOLoop.current()
+    quiet = limiter or RateLimiter(limits.log_interval)
+    state: dict[str, Any] = {"removed": False, "listening": True, "timer": None}
+
+    def accept_ready(fd: Any, events: int) -> None:  # noqa: ARG001
+        for _ in range(ACCEPTS_PER_EVENT):
+            if state["removed"]:
+                return
+            try:
+                connection, address = sock.accept()
+            except BlockingIOError:
+                return  # everything waiting has been accepted
+            except ConnectionAbortedError:
+                continue  # closed while still in the backlog
+            except OSError as exc:
+                pause(exc)
+                return
+            callback(connection, address)
+
+    def pause(exc: OSError) -> None:
+        backoff = max(limits.accept_backoff, 0.01)
+        what = "out of resources" if exc.errno in RESOURCE_ERRORS else "accept error"
+        quiet.warning(
+            log,
+            "accept",
+            "cannot accept connections (%s: %s); not accepting for %g s",
+            what,
+            exc.strerror or exc,
+            backoff,
+        )
+        io_loop.remove_handler(sock)
+        state["listening"] = False
+        state["timer"] = io_loop.call_later(backoff, resume)
+
+    def resume() -> None:
+        state["timer"] = None
+        if state["removed"]:
+            return
+        state["listening"] = True
+        io_loop.add_handler(sock, accept_ready, IOLoop.READ)
+
+    def remove() -> None:
+        if state["removed"]:
+            return
+        state["removed"] = True
+        if state["timer"] is not None:
+            io_loop.remove_timeout(state["timer"])
+            state["timer"] = None
+        if state["listening"]:
+            io_loop.remove_handler(sock)
+            state["listening"] = False
+
+    io_loop.add_handler(sock, accept_ready, IOLoop.READ)
+    return remove
+
+
+class HTTPServer(tornado.httpserver.HTTPServer):
+    """tornado's HTTP server with the bounds of *limits* (see the module docstring).
+
+    ``HTTPServer(app, limits=limits, **tornado_options)``: ``idle_connection_timeout`` and
+    ``body_timeout`` default to ``limits.handshake_timeout``.
+    """
+
+    def initialize(  # type: ignore[override]  # noqa: D102
+        self, request_callback: Any, limits: Limits = DEFAULT_LIMITS, **kwargs: Any
+    ) -> None:
+        timeout = limits.handshake_timeout if limits.handshake_timeout > 0 else None
+        kwargs.setdefault("idle_connection_timeout", timeout)
+        kwargs.setdefault("body_timeout", timeout)
+        super().initialize(request_callback, **kwargs)
+        self.limits = limits
+        self._quiet = RateLimiter(limits.log_interval)
+
+    def add_sockets(self, sockets: Iterable[socket.socket]) -> None:
+        """Start accepting on *sockets* with the bounded accept loop.
+
+        (It fills the same tables as tornado's ``TCPServer.add_sockets``, so ``stop()`` works
+        unchanged.)
+        """
+        for sock in sockets:
+            self._sockets[sock.fileno()] = sock
+            self._handlers[sock.fileno()] = add_accept_handler(
+                sock, self._handle_connection, self.limits, self._quiet
+            )
