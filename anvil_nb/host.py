@@ -607,8 +607,8 @@ class Host:
             out = self._relayed_response(req, msg)
             data = self._encode(out, f"response of {clip(req.command)!r}") if caller else b""
         except (ProtocolError, PermissionDenied, SerializationError) as exc:
-            error = exc if isinstance(exc, AnvilError) and exc.wire_type else None
-            self._release(req, error or SerializationError(str(exc)))
+            # No local keeps the exception: its traceback would hold this frame in a cycle.
+            self._release(req, exc if exc.wire_type else SerializationError(str(exc)))
             return
         self._release(req, None, ok="error" not in out, out=out)
         if caller is not None:

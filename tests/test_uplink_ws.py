@@ -18,7 +18,9 @@ import orjson
 import pytest
 import tornado.httpserver
 import tornado.netutil
+import tornado.web
 import tornado.websocket
+from support import wait_until
 
 from anvil_nb import protocol
 from anvil_nb.app import make_app
@@ -464,3 +466,53 @@ def test_call_async_awaits_network_calls_concurrently(net):
         return await asyncio.gather(*(caller.call_async("add", i, 1) for i in range(3)))
 
     assert asyncio.run(main()) == [1, 2, 3]
+
+
+class _Deaf(tornado.websocket.WebSocketHandler):
+    """Reads the first frame, then never again: a host that has stopped reading."""
+
+    def on_message(self, message: Any) -> Any:
+        return asyncio.get_running_loop().create_future()  # tornado waits on it: reading stops
+
+
+def test_a_sender_waits_while_the_host_is_not_reading():
+    ht = HostThread()
+    transport = None
+    try:
+
+        def listen() -> int:
+            sockets = tornado.netutil.bind_sockets(0, "127.0.0.1")
+            server = tornado.httpserver.HTTPServer(tornado.web.Application([("/", _Deaf)]))
+            server.add_sockets(sockets)
+            ht._deaf = server  # type: ignore[attr-defined]
+            return sockets[0].getsockname()[1]
+
+        port = ht.run(listen)
+        transport = WebSocketTransport(
+            f"ws://127.0.0.1:{port}/", "k", reconnect=False, max_queued_bytes=1024 * 1024
+        )
+        transport.open(lambda m, media: None, lambda reason: None)
+        sent = []
+
+        def flood() -> None:
+            for i in range(200):
+                try:
+                    transport.send({"id": i, "response": "x" * 256 * 1024})
+                except ConnectionError:  # closed at the end of the test, while it waited
+                    return
+                sent.append(i)
+
+        thread = threading.Thread(target=flood, daemon=True)
+        thread.start()
+        assert wait_until(lambda: transport._queued > 1024 * 1024, timeout=WAIT)
+        thread.join(0.5)  # bounded: it must still be blocked
+        assert thread.is_alive()
+        assert len(sent) < 200
+        assert transport._queued <= 1024 * 1024 + 2 * 256 * 1024 + 1024
+    finally:
+        if transport is not None:
+            transport.close()  # the waiting sender is released
+        ht.run(ht._deaf.stop)  # type: ignore[attr-defined]
+        ht.stop()
+    thread.join(WAIT)
+    assert not thread.is_alive()

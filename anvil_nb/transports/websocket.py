@@ -12,6 +12,11 @@ client is told at once (its calls in flight fail) and the transport connects aga
 (which resets the delay to 1 s and tells the client to register its functions again). The
 one exception is a refused key (:data:`~anvil_nb.transports.base.KEY_REFUSALS`): trying again
 cannot help, so the transport stops for good and :attr:`WebSocketTransport.refused` says why.
+
+Backpressure: the bytes sent but not yet written to the socket are counted; a thread that sends
+while more than ``max_queued_bytes`` wait (a provider answering faster than the host reads)
+blocks until half of them are written or the connection ends, so a process never buffers
+without bound. The I/O thread itself never blocks.
 """
 
 from __future__ import annotations
@@ -69,6 +74,8 @@ class WebSocketTransport(Transport):
         Added to the upgrade request.
     connect_timeout : float
         Seconds to wait for the first connection (and for each later attempt).
+    max_queued_bytes : int
+        Bytes sent but not yet written past which a sending thread waits (see above).
     """
 
     def __init__(
@@ -81,8 +88,12 @@ class WebSocketTransport(Transport):
         extra_headers: Mapping[str, str] | None = None,
         connect_timeout: float = 20.0,
         max_frame_bytes: int = protocol.DEFAULT_MAX_FRAME_BYTES,
+        max_queued_bytes: int = 32 * 1024 * 1024,
     ):
         self.url = url
+        self.max_queued_bytes = max_queued_bytes
+        self._queued = 0
+        self._drained = threading.Condition()
         self._hello = protocol.hello(key, kind)
         self.reconnect = reconnect
         self.extra_headers = dict(extra_headers or {})
@@ -148,7 +159,13 @@ class WebSocketTransport(Transport):
         if self._ws is None or self._closing:
             raise ConnectionError(f"not connected to {self.url}")
         data = protocol.encode(msg)
-        self._loop.call_soon_threadsafe(self._write, data, msg.get("id"), media)
+        size = len(data) + (sum(len(m) for m in media.values()) if media else 0)
+        with self._drained:
+            if threading.current_thread() is not self._thread:
+                while self._queued > self.max_queued_bytes and self._ws is not None:
+                    self._drained.wait(1.0)  # woken as writes complete or the connection ends
+            self._queued += size
+        self._loop.call_soon_threadsafe(self._write, data, msg.get("id"), media, size)
 
     def close(self) -> None:
         """Close for good: no reconnection; ``on_close`` is called once if a connection was up."""
@@ -182,18 +199,35 @@ class WebSocketTransport(Transport):
             raise ConnectionError("the transport was closed while connecting")
         self._ws = ws
 
-    def _write(self, data: bytes, request_id: Any, media: Mapping[str, bytes] | None) -> None:
+    def _write(
+        self, data: bytes, request_id: Any, media: Mapping[str, bytes] | None, size: int
+    ) -> None:
         ws = self._ws
         if ws is None:
+            self._written(size)
             return
         try:
-            ws.write_message(data)
+            last = ws.write_message(data)
             if media:
                 for header, chunk in protocol.chunk_media(request_id, media):
-                    ws.write_message(protocol.encode(header))
-                    ws.write_message(chunk, binary=True)
+                    _retrieve(ws.write_message(protocol.encode(header)))
+                    _retrieve(last)
+                    last = ws.write_message(chunk, binary=True)
         except tornado.websocket.WebSocketClosedError:
             log.debug("write to %s dropped: connection closed", self.url)
+            self._written(size)
+            return
+        if last.done():  # written straight to the socket: the usual case
+            _retrieve(last)
+            self._written(size)
+        else:  # writes complete in order: the last one says the whole message is out
+            last.add_done_callback(lambda f: (_retrieve(f), self._written(size)))
+
+    def _written(self, size: int) -> None:
+        with self._drained:
+            self._queued -= size
+            if self._queued <= self.max_queued_bytes // 2:
+                self._drained.notify_all()
 
     async def _read_forever(self) -> None:
         """Read each connection until it ends, then connect again (see the module docstring)."""
@@ -207,6 +241,8 @@ class WebSocketTransport(Transport):
                 if ws is not None:
                     ws.close()
             self._ws = None
+            with self._drained:
+                self._drained.notify_all()  # senders waiting on a full queue: it is gone
             if self._on_close is not None and not self._closing:
                 self._on_close(reason)
             if not self.reconnects:
@@ -278,6 +314,8 @@ class WebSocketTransport(Transport):
 
     async def _shutdown(self) -> None:
         ws, self._ws = self._ws, None
+        with self._drained:
+            self._drained.notify_all()
         if ws is not None:
             ws.close()
         if self._reader is not None:
@@ -290,3 +328,12 @@ class WebSocketTransport(Transport):
         self._loop.call_soon_threadsafe(self._loop.stop)
         if threading.current_thread() is not self._thread:
             self._thread.join(10)
+
+
+def _retrieve(future: Any) -> None:
+    """Mark a write's outcome as seen (a closed connection is handled by the reader)."""
+    if future.done():
+        if not future.cancelled():
+            future.exception()
+    else:
+        future.add_done_callback(_retrieve)
