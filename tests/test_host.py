@@ -736,3 +736,18 @@ def test_a_stale_session_copy_does_not_undo_changes_made_meanwhile(connect):
     msg, _ = pending.result(WAIT)
     assert "response" in msg
     assert caller.call("count")[0] == 2  # slow's older copy was not stored over it
+
+
+def test_the_host_names_its_peers_uniquely_whatever_the_transport(host_thread, connect):
+    first, second = connect(), connect()
+    third = connect("client_uplink")
+    names = [c.transport.name for c in (first, second, third)]
+    assert len(set(names)) == 3, names
+    assert names[0].startswith("server_module-") and names[2].startswith("client_uplink-")
+    other = HostThread()
+    try:
+        elsewhere = Client(other.connect(), functions=FunctionRegistry()).start()
+        assert elsewhere.transport.name == "server_module-1"  # counted per host
+        elsewhere.close()
+    finally:
+        other.stop()

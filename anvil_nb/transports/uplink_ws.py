@@ -348,7 +348,7 @@ class UplinkHandler(tornado.websocket.WebSocketHandler):
         if protocol.kind_of(held) == "CALL":
             self.peer.send(protocol.encode(protocol.error_message(held.get("id"), error)))  # type: ignore[union-attr]
         else:
-            self.host.receive(self.peer, {"id": held.get("id"), "error": error}, {})  # type: ignore[arg-type]
+            self.host.receive(self.peer, protocol.error_message(held.get("id"), error), {})  # type: ignore[arg-type]
 
     def fatal(self, text: str, key: str = "fatal") -> None:
         """Send a fatal error (no ``id``) and close this connection.
