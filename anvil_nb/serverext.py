@@ -17,8 +17,10 @@ Configuration (``jupyter_server_config.py`` or the command line)::
     c.AnvilNB.client_key = "..."
     c.AnvilNB.data_dir = "..."     # sessions, MAC key and keys; default: the user data dir
     c.AnvilNB.public = False       # let browsers and HTTP clients in without Jupyter auth
+    c.AnvilNB.limits = {"ping_interval": 5}   # bounds, over anvil_nb.limits.Limits' defaults
 
-What one connection may cost is bounded by :class:`~anvil_nb.limits.Limits` (the defaults): the
+What one connection may cost is bounded by :class:`~anvil_nb.limits.Limits` (``AnvilNB.limits``
+over the defaults): the
 host's WebSocket handlers read the frame limit, the hello deadline and the keep-alive (a ping
 every ``ping_interval``; a frozen peer is lost within ``ping_interval + ping_timeout``) from
 ``host.limits`` themselves, not from Jupyter's application settings. The TCP listener is
@@ -30,6 +32,7 @@ not those of :mod:`anvil_nb.transports.listener`.
 from __future__ import annotations
 
 import os
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +40,7 @@ from jupyter_server.auth.decorator import allow_unauthenticated
 from jupyter_server.base.handlers import APIHandler, JupyterHandler
 from jupyter_server.extension.application import ExtensionApp
 from tornado import web
-from traitlets import Bool, Unicode, default
+from traitlets import Bool, Dict, TraitError, Unicode, default, validate
 
 from anvil_nb.app import Handlers, routes
 from anvil_nb.handlers import admin_state, no_endpoint
@@ -141,8 +144,31 @@ class AnvilNB(ExtensionApp):
         ),
     ).tag(config=True)
 
-    #: The host's bounds (not configurable yet: the defaults of every placement).
-    limits: Limits = DEFAULT_LIMITS
+    limits = Dict(
+        {},
+        help=(
+            "Bounds on what one connection may cost the host, overriding the defaults of "
+            "anvil_nb.limits.Limits (docs/reliability.md), e.g. "
+            '{"max_queued_bytes": 8388608, "ping_interval": 5, "handshake_timeout": 5}.'
+        ),
+    ).tag(config=True)
+
+    @validate("limits")
+    def _validate_limits(self, proposal: Any) -> dict[str, Any]:
+        value = proposal["value"]
+        known = {f.name: f.type for f in fields(Limits)}
+        for name, bound in value.items():
+            if name not in known:
+                msg = f"AnvilNB.limits: unknown bound {name!r} (known: {', '.join(sorted(known))})"
+                raise TraitError(msg)
+            if isinstance(bound, bool) or not isinstance(bound, (int, float)) or bound <= 0:
+                msg = f"AnvilNB.limits: {name} must be a positive number, not {bound!r}"
+                raise TraitError(msg)
+        return value
+
+    def host_limits(self) -> Limits:
+        """The host's :class:`Limits`: the defaults with what ``AnvilNB.limits`` sets."""
+        return replace(DEFAULT_LIMITS, **self.limits)
 
     @default("data_dir")
     def _default_data_dir(self) -> str:
@@ -154,7 +180,7 @@ class AnvilNB(ExtensionApp):
         self.keys, generated = load_keys(data_dir, self.server_key or None, self.client_key or None)
         if generated:
             self.log.info("anvil_nb: generated uplink keys, kept in %s", data_dir / "keys.json")
-        self.host = Host(data_dir=data_dir, limits=self.limits)
+        self.host = Host(data_dir=data_dir, limits=self.host_limits())
         self.host.client_key = self.keys.client_key
         self.settings["anvil_nb_host"] = self.host
 

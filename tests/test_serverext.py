@@ -34,6 +34,7 @@ import orjson
 import pytest
 import tornado.httpclient
 import tornado.websocket
+from traitlets import TraitError
 from traitlets.config import Config
 
 from anvil_nb import protocol
@@ -95,6 +96,10 @@ def allow_unauthenticated_access() -> bool:
 
 @pytest.fixture
 def jp_server_config(anvil_config: dict[str, Any], allow_unauthenticated_access: bool) -> Config:
+    return server_config(anvil_config, allow_unauthenticated_access)
+
+
+def server_config(anvil_config: dict[str, Any], allow_unauthenticated_access: bool) -> Config:
     return Config(
         {
             "ServerApp": {
@@ -666,3 +671,18 @@ def test_extension_points_name_the_extension_app():
     assert points[0]["module"].startswith("anvil_nb")
     assert points[0]["app"].__name__ == "AnvilNB"
     assert points[0]["app"].name == "anvil_nb"
+
+
+@pytest.mark.parametrize("jp_base_url", ["/"], indirect=True)
+async def test_limits_are_configurable_and_checked(
+    anvil_config: dict[str, Any], jp_configurable_serverapp: Any
+):
+    anvil_config["limits"] = {"ping_interval": 3, "max_queued_bytes": 1 << 20}
+    app = jp_configurable_serverapp(config=server_config(anvil_config, False))
+    ext = anvil_extension(app)
+    assert (ext.host.limits.ping_interval, ext.host.limits.max_queued_bytes) == (3, 1 << 20)
+    assert ext.host.limits.handshake_timeout == 10  # the rest keep their defaults
+    with pytest.raises(TraitError, match="unknown bound 'ping'"):
+        ext.limits = {"ping": 1}
+    with pytest.raises(TraitError, match="must be a positive number"):
+        ext.limits = {"ping_timeout": -1}
