@@ -204,20 +204,16 @@ def call(
         "kwargs": kwargs,
         "objects": objects,
     }
-    if call_stack_id is not None:
-        msg["call-stack-id"] = call_stack_id
-    if vt_global is not None:
-        msg["vt_global"] = vt_global
-    if call_stack is not None:
-        msg["call-stack"] = call_stack
-    if client is not None:
-        msg["client"] = client
-    if session_data is not None:
-        msg["sessionData"] = session_data
-    if session_id is not None:
-        msg["session-id"] = session_id
-    if app_info is not None:
-        msg["app-info"] = app_info
+    optional = (
+        ("call-stack-id", call_stack_id),
+        ("vt_global", vt_global),
+        ("call-stack", call_stack),
+        ("client", client),
+        ("sessionData", session_data),
+        ("session-id", session_id),
+        ("app-info", app_info),
+    )
+    msg.update((key, value) for key, value in optional if value is not None)
     return msg
 
 

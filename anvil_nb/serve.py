@@ -30,6 +30,7 @@ import os
 import platform
 import signal
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -100,14 +101,7 @@ def _return_large_buffers_to_the_os(threshold: int = 256 * 1024) -> None:
 
 def limits_from(args: argparse.Namespace) -> Limits:
     """The host's :class:`Limits` from the command line."""
-    return Limits(
-        max_frame_bytes=args.max_frame_bytes,
-        max_calls_in_flight=args.max_calls_in_flight,
-        max_queued_bytes=args.max_queued_bytes,
-        handshake_timeout=args.handshake_timeout,
-        ping_interval=args.ping_interval,
-        ping_timeout=args.ping_timeout,
-    )
+    return replace(DEFAULT_LIMITS, **{name: getattr(args, name) for name, _, _ in _BOUND_FLAGS})
 
 
 async def serve(args: argparse.Namespace) -> int:
@@ -175,6 +169,40 @@ def _non_negative(kind: type) -> Any:
     return parse
 
 
+#: The flags of the bounds: the Limits field, how to parse it, and what it means.
+_BOUND_FLAGS = (
+    ("max_frame_bytes", _positive(int), "largest WebSocket frame accepted or sent"),
+    (
+        "max_calls_in_flight",
+        _positive(int),
+        "calls one connection may have waiting at once; more fail with QuotaExceededError",
+    ),
+    (
+        "max_queued_bytes",
+        _positive(int),
+        "bytes sent to a connection that it has not read yet; past this the host stops reading "
+        "from it, refuses its calls and fails the responses it is waiting for",
+    ),
+    (
+        "handshake_timeout",
+        _non_negative(float),
+        "seconds a new connection has to send its HTTP request and then its uplink key before "
+        "it is closed; 0: no limit",
+    ),
+    (
+        "ping_interval",
+        _non_negative(float),
+        "seconds between WebSocket pings (after the last answer); 0: no pings",
+    ),
+    (
+        "ping_timeout",
+        _non_negative(float),
+        "seconds a peer has to answer a ping (or read what waits for it) before it is declared "
+        "lost; a frozen peer is found within ping interval + ping timeout",
+    ),
+)
+
+
 def main(argv: list[str] | None = None) -> int:
     """The ``anvil-nb`` command line."""
     parser = argparse.ArgumentParser(
@@ -200,63 +228,17 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="seconds before a call fails with TimeoutError",
     )
-    d = DEFAULT_LIMITS
     bounds = s.add_argument_group(
         "bounds", "what one connection may cost the host (see anvil_nb.limits.Limits)"
     )
-    bounds.add_argument(
-        "--max-frame-bytes",
-        type=_positive(int),
-        default=d.max_frame_bytes,
-        help=f"largest WebSocket frame accepted or sent (default {d.max_frame_bytes})",
-    )
-    bounds.add_argument(
-        "--max-calls-in-flight",
-        type=_positive(int),
-        default=d.max_calls_in_flight,
-        help=(
-            "calls one connection may have waiting at once; more fail with QuotaExceededError "
-            f"(default {d.max_calls_in_flight})"
-        ),
-    )
-    bounds.add_argument(
-        "--max-queued-bytes",
-        type=_positive(int),
-        default=d.max_queued_bytes,
-        help=(
-            "bytes sent to a connection that it has not read yet; past this the host stops "
-            "reading from it, refuses its calls and fails responses that would queue more "
-            f"(default {d.max_queued_bytes})"
-        ),
-    )
-    bounds.add_argument(
-        "--handshake-timeout",
-        type=_non_negative(float),
-        default=d.handshake_timeout,
-        help=(
-            "seconds a new connection has to send its HTTP request and then its uplink key "
-            f"before it is closed; 0: no limit (default {d.handshake_timeout:g})"
-        ),
-    )
-    bounds.add_argument(
-        "--ping-interval",
-        type=_non_negative(float),
-        default=d.ping_interval,
-        help=(
-            "seconds between WebSocket pings (after the last answer); 0: no pings "
-            f"(default {d.ping_interval:g})"
-        ),
-    )
-    bounds.add_argument(
-        "--ping-timeout",
-        type=_non_negative(float),
-        default=d.ping_timeout,
-        help=(
-            "seconds a peer has to answer a ping (or read what waits for it) before it is "
-            "declared lost; a frozen peer is found within ping interval + ping timeout "
-            f"(default {d.ping_timeout:g})"
-        ),
-    )
+    for name, parse, text in _BOUND_FLAGS:
+        default = getattr(DEFAULT_LIMITS, name)
+        bounds.add_argument(
+            "--" + name.replace("_", "-"),
+            type=parse,
+            default=default,
+            help=f"{text} (default {default:{',' if isinstance(default, int) else 'g'}})",
+        )
     s.add_argument("--log-level", default="WARNING", help="logging level (default WARNING)")
     args = parser.parse_args(argv)
     logging.basicConfig(
