@@ -9,7 +9,6 @@ connection still works.
 from __future__ import annotations
 
 import asyncio
-import queue
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -20,7 +19,7 @@ import tornado.httpserver
 import tornado.netutil
 import tornado.web
 import tornado.websocket
-from support import wait_until
+from support import RawWS, wait_until
 
 from anvil_nb import protocol
 from anvil_nb.app import make_app
@@ -89,59 +88,6 @@ def net() -> Iterator[NetHost]:
     h = NetHost()
     yield h
     h.stop()
-
-
-class RawWS:
-    """A bare WebSocket client for sending exactly the frames a test wants."""
-
-    def __init__(self, url: str):
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.frames: queue.Queue[Any] = queue.Queue()
-        self.ws = self._run(self._connect(url))
-        self._reader = asyncio.run_coroutine_threadsafe(self._read(), self.loop)
-
-    async def _connect(self, url: str) -> Any:
-        return await tornado.websocket.websocket_connect(url)
-
-    def _run(self, coro: Any) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(WAIT)
-
-    async def _read(self) -> None:
-        while True:
-            frame = await self.ws.read_message()
-            self.frames.put(frame)
-            if frame is None:
-                return
-
-    def send(self, frame: Any, binary: bool = False) -> None:
-        data = frame if isinstance(frame, (str, bytes)) else orjson.dumps(frame)
-        self._run(self._write(data, binary))
-
-    async def _write(self, data: Any, binary: bool) -> None:
-        await self.ws.write_message(data, binary=binary)
-
-    def hello(self, key: str = KEYS.server_key) -> dict[str, Any]:
-        self.send({"key": key, "v": 8})
-        return self.recv()
-
-    def recv(self) -> Any:
-        frame = self.frames.get(timeout=WAIT)
-        return orjson.loads(frame) if isinstance(frame, str) else frame
-
-    def closed(self) -> bool:
-        """True once the server has closed the connection (waiting at most WAIT)."""
-        while True:
-            if self.frames.get(timeout=WAIT) is None:
-                return True
-
-    def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.ws.close)
-        self._reader.result(WAIT)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(WAIT)
-        self.loop.close()
 
 
 @pytest.fixture
@@ -251,7 +197,7 @@ def test_bad_frames_end_only_that_connection_with_a_clear_error(net, raw, frame,
     net.provider(ok=lambda: "fine")
     bystander = net.client(KEYS.client_key)
     ws = raw()
-    ws.hello()
+    ws.hello(KEYS.server_key)
     ws.send(frame, binary=binary)
     assert says in fatal_then_closed(ws)
     assert bystander.call("ok") == "fine"
@@ -264,7 +210,7 @@ def test_frames_over_the_size_limit_close_the_connection():
         bystander = h.client(KEYS.client_key)
         ws = RawWS(h.url)
         try:
-            ws.hello()
+            ws.hello(KEYS.server_key)
             ws.send(
                 {
                     "type": "CALL",
