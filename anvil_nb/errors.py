@@ -4,9 +4,10 @@ Every exception anvil_nb raises on its own account derives from one root, so a u
 :class:`AnvilError` or something narrower::
 
     AnvilError
-    ├── AnvilWrappedError          a remote error whose type is not known on this side
+    ├── AnvilWrappedError          a remote error whose type has no class of its own here
     │   ├── NoServerFunctionError
-    │   └── CookieError
+    │   ├── CookieError
+    │   └── ValueError, OSError, ... a remote built-in error (also that built-in type)
     ├── AppOfflineError
     ├── BackgroundTaskError, BackgroundTaskKilled, BackgroundTaskNotFound, NotRunningTask
     ├── ExecutionTerminatedError, InternalError, InvalidResponseError, InvalidObjectError
@@ -19,18 +20,27 @@ Every exception anvil_nb raises on its own account derives from one root, so a u
 On the wire an error is ``{"type", "message", "trace"}`` (PROTOCOL.md §3). anvil_nb's own
 classes travel as ``anvil.server.<Name>`` so the real ``anvil-uplink`` client raises its own
 class of that name; other exceptions travel under their bare class name, as the real client
-sends them. On receipt, :func:`error_from_wire` rebuilds the same class when it is known here
-(anvil_nb's classes, built-in exceptions and types registered with
-:func:`register_exception_type`) and an :class:`AnvilWrappedError` that keeps the remote type
-name otherwise. The remote trace is kept on ``.remote_trace`` and shown as a note, labelled as
-remote.
+sends them. On receipt, :func:`error_from_wire` rebuilds
+
+* anvil_nb's own classes and types registered with :func:`register_exception_type` as
+  themselves;
+* a built-in exception type (``ValueError``, ``OSError``, ...) as a class that is both that
+  built-in type and :class:`AnvilWrappedError` (named like the built-in, e.g. ``ValueError``,
+  one class per built-in type), so ``except ValueError`` and ``except AnvilWrappedError`` both
+  catch it, as ``except AnvilWrappedError`` does with the real ``anvil-uplink`` client. The one
+  exception is ``KeyError``, which arrives as a plain ``KeyError`` as in the real client;
+* anything else as an :class:`AnvilWrappedError` that keeps the remote type name.
+
+The remote trace is kept on ``.remote_trace`` and shown as a note, labelled as remote.
 """
 
 from __future__ import annotations
 
 import builtins
 import os
+import threading
 import traceback
+from collections.abc import Callable
 from types import TracebackType
 from typing import Any, TypedDict
 
@@ -61,6 +71,7 @@ __all__ = [
     "error_from_wire",
     "error_to_wire",
     "register_exception_type",
+    "wrapped_builtin_class",
 ]
 
 
@@ -86,7 +97,11 @@ class AnvilError(Exception):
 
 
 class AnvilWrappedError(AnvilError):
-    """A remote error whose type has no class on this side.
+    """A remote error whose type has no class of its own on this side.
+
+    A remote error of a built-in type arrives as a subclass of this class that is also that
+    built-in type (``except ValueError`` and ``except AnvilWrappedError`` both catch a remote
+    ``ValueError``); a remote error of any other unknown type arrives as this class itself.
 
     Attributes
     ----------
@@ -251,6 +266,10 @@ def register_exception_type(name: str, cls: type[BaseException]) -> None:
         which is what the remote side sends for them).
     cls : type
         An exception class whose constructor takes the message as its only argument.
+
+    Registering a built-in name overrides the default for it: after
+    ``register_exception_type("ValueError", ValueError)`` a remote ``ValueError`` arrives as a
+    plain ``ValueError`` rather than one that is also an :class:`AnvilWrappedError`.
     """
     if not (isinstance(cls, type) and issubclass(cls, BaseException)):
         raise TypeError(f"register_exception_type needs an exception class, not {cls!r}")
@@ -262,6 +281,9 @@ for _cls in list(globals().values()):
         _BY_WIRE_NAME[_cls.wire_type] = _cls
 # The App Server's name for a write to a closed uplink socket (PROTOCOL.md §3).
 _BY_WIRE_NAME["anvil.server.UplinkDisconnected"] = UplinkDisconnectedError
+# The one built-in the real anvil-uplink client rebuilds as itself (a plain KeyError, not an
+# AnvilWrappedError): so does anvil_nb, so that ``except AnvilWrappedError`` means the same.
+_BY_WIRE_NAME["KeyError"] = KeyError
 
 
 def wire_type_of(exc: BaseException) -> str:
@@ -307,6 +329,77 @@ def _builtin_exception(name: str) -> type[BaseException] | None:
     return None
 
 
+# Remote errors of built-in types: one class per built-in type, both AnvilWrappedError and the
+# built-in, so that ``except AnvilWrappedError`` catches what it catches with anvil-uplink and
+# ``except ValueError`` still works.
+
+#: Built-ins whose constructor does not take a message alone: the arguments that build one from
+#: the remote message (the message becomes ``reason``; ``str()`` is the remote message).
+_CONSTRUCTOR_ARGS: dict[type[BaseException], Callable[[str], tuple[Any, ...]]] = {
+    UnicodeDecodeError: lambda message: ("unknown", b"", 0, 0, message),
+    UnicodeEncodeError: lambda message: ("unknown", "", 0, 0, message),
+    UnicodeTranslateError: lambda message: ("", 0, 0, message),
+}
+
+_wrapped_lock = threading.Lock()
+#: built-in type -> its wrapped class, or None when it cannot have one (``ExceptionGroup``).
+_wrapped_classes: dict[type[BaseException], type[AnvilWrappedError] | None] = {}
+
+
+def _rebuild_wrapped(builtin_name: str, message: str, remote_type: str | None) -> BaseException:
+    """Unpickle a remote built-in error (see ``__reduce__`` in :func:`wrapped_builtin_class`)."""
+    builtin = _builtin_exception(builtin_name)
+    cls = wrapped_builtin_class(builtin) if builtin is not None else None
+    if cls is None:
+        return AnvilWrappedError(message, remote_type=remote_type)
+    return cls(message, remote_type=remote_type)
+
+
+def _make_wrapped_class(builtin: type[BaseException]) -> type[AnvilWrappedError] | None:
+    name = builtin.__name__
+    base: type[BaseException] = builtin
+    namespace: dict[str, Any] = {
+        "__module__": __name__,
+        "__qualname__": name,
+        "__doc__": f"A remote {name}: both the built-in {name} and AnvilWrappedError.",
+        "wire_type": name,
+    }
+    make_args = _CONSTRUCTOR_ARGS.get(builtin)
+    if make_args is not None:
+        # A base between AnvilError and the built-in that turns the message into the
+        # built-in's own arguments; str() is then the remote message, not the built-in's text.
+        def __init__(self: BaseException, message: str = "") -> None:
+            builtin.__init__(self, *make_args(message))
+
+        base = type(name, (builtin,), {"__module__": __name__, "__init__": __init__})
+        namespace["__str__"] = lambda self: self.message
+
+    def __reduce__(self: AnvilWrappedError) -> tuple[Any, ...]:
+        # The class cannot be imported by name, so pickling goes through a function that can.
+        return (_rebuild_wrapped, (name, self.message, self.remote_type), self.__dict__)
+
+    namespace["__reduce__"] = __reduce__
+    try:
+        cls = type(name, (AnvilWrappedError, base), namespace)
+        cls("probe", remote_type=name)
+    except Exception:  # e.g. ExceptionGroup, which needs its sub-exceptions
+        return None
+    return cls
+
+
+def wrapped_builtin_class(builtin: type[BaseException]) -> type[AnvilWrappedError] | None:
+    """The class a remote error of the built-in type *builtin* is raised as.
+
+    It derives from both :class:`AnvilWrappedError` and *builtin*, is named like *builtin*, and
+    is made once per built-in type. ``None`` for a built-in that cannot be combined so (such a
+    remote error arrives as a plain :class:`AnvilWrappedError` with its ``remote_type``).
+    """
+    with _wrapped_lock:
+        if builtin not in _wrapped_classes:
+            _wrapped_classes[builtin] = _make_wrapped_class(builtin)
+        return _wrapped_classes[builtin]
+
+
 def error_from_wire(error: Any, where: str = "the remote side") -> BaseException:
     """Rebuild the exception described by a wire error.
 
@@ -320,8 +413,10 @@ def error_from_wire(error: Any, where: str = "the remote side") -> BaseException
     Returns
     -------
     BaseException
-        An instance of the same class when it is known on this side, else
-        :class:`AnvilWrappedError` carrying the remote type name.
+        An instance of the same class for anvil_nb's own and registered classes (and
+        ``KeyError``); for another built-in type an instance of
+        :func:`wrapped_builtin_class` (that built-in and :class:`AnvilWrappedError` at once);
+        else an :class:`AnvilWrappedError` carrying the remote type name.
     """
     if not isinstance(error, dict):
         error = {"message": str(error)}
@@ -334,12 +429,16 @@ def error_from_wire(error: Any, where: str = "the remote side") -> BaseException
         for t in raw_trace
         if isinstance(t, (list, tuple)) and len(t) >= 2 and isinstance(t[1], int)
     ]
-    cls = None
+    cls: type[BaseException] | None = None
+    wrapped: type[AnvilWrappedError] | None = None
     if isinstance(type_name, str):
-        cls = _BY_WIRE_NAME.get(type_name) or _builtin_exception(type_name)
+        cls = _BY_WIRE_NAME.get(type_name)
+        if cls is None:
+            builtin = _builtin_exception(type_name)
+            wrapped = wrapped_builtin_class(builtin) if builtin is not None else None
     exc: BaseException
     if cls is None:
-        exc = AnvilWrappedError(
+        exc = (wrapped or AnvilWrappedError)(
             message, remote_type=type_name if isinstance(type_name, str) else None
         )
         exc.error_obj = dict(error)

@@ -4,13 +4,17 @@ Every class on Anvil's ``anvil.server`` reference page exists under :class:`Anvi
 exported by ``anvil_nb.server``. On the wire an error is ``{"type", "message", "trace"}``:
 anvil_nb's own classes travel as ``anvil.server.<Name>``, other classes under their bare name,
 and the trace is ``[[filename, line], ...]`` innermost first without anvil_nb's own frames. On
-receipt the same class is rebuilt when it is known here, and an ``AnvilWrappedError`` carrying
-the remote type name otherwise; the remote trace is kept and shown as a note labelled remote.
+receipt anvil_nb's own and registered classes are rebuilt as themselves; a built-in type as a
+class that is both that built-in and ``AnvilWrappedError`` (``KeyError`` excepted: plain, as in
+the real ``anvil-uplink`` client); anything else as an ``AnvilWrappedError`` carrying the remote
+type name. The remote trace is kept and shown as a note labelled remote.
 """
 
 from __future__ import annotations
 
 import builtins
+import copy
+import pickle
 import traceback
 
 import pytest
@@ -242,18 +246,178 @@ def test_anvil_server_type_is_rebuilt_as_that_class() -> None:
     assert str(exc) == "not you"
 
 
-def test_builtin_value_error_is_rebuilt_as_value_error() -> None:
+def test_builtin_value_error_is_rebuilt_as_a_value_error_that_is_also_a_wrapped_error() -> None:
     exc = error_from_wire({"type": "ValueError", "message": "kaboom", "trace": []})
 
-    assert type(exc) is ValueError
+    assert isinstance(exc, ValueError)
+    assert isinstance(exc, AnvilWrappedError)
+    assert type(exc).__name__ == "ValueError"
     assert str(exc) == "kaboom"
+    assert exc.message == "kaboom"
+    assert exc.remote_type == "ValueError"
+    assert exc.error_obj == {"type": "ValueError", "message": "kaboom", "trace": []}
+    assert repr(exc) == "ValueError('kaboom')"
 
 
-def test_key_error_is_rebuilt_as_key_error() -> None:
+def test_remote_builtin_error_is_caught_by_the_builtin_and_by_anvil_wrapped_error() -> None:
+    wire = {"type": "ValueError", "message": "kaboom", "trace": []}
+
+    with pytest.raises(ValueError, match="kaboom"):
+        raise error_from_wire(wire)
+    with pytest.raises(AnvilWrappedError, match="kaboom"):
+        raise error_from_wire(wire)
+    with pytest.raises(AnvilError):
+        raise error_from_wire(wire)
+
+
+def test_key_error_is_rebuilt_as_a_plain_key_error_as_the_real_client_does() -> None:
+    # anvil-uplink's _named_exceptions rebuilds KeyError as itself, not as AnvilWrappedError.
     exc = error_from_wire({"type": "KeyError", "message": "k", "trace": []})
 
     assert type(exc) is KeyError
+    assert not isinstance(exc, AnvilWrappedError)
     assert exc.args == ("k",)
+    assert str(exc) == "'k'"
+
+
+BUILTIN_ERRORS = sorted(
+    name
+    for name, cls in vars(builtins).items()
+    if isinstance(cls, type) and issubclass(cls, Exception) and not issubclass(cls, Warning)
+)
+#: Built-ins that cannot be combined with AnvilWrappedError (they need their sub-exceptions).
+UNCOMBINABLE = {"ExceptionGroup"}
+
+
+@pytest.mark.parametrize("name", sorted(set(BUILTIN_ERRORS) - {"KeyError"} - UNCOMBINABLE))
+def test_every_builtin_error_is_rebuilt_as_that_builtin_and_a_wrapped_error(name: str) -> None:
+    builtin = getattr(builtins, name)
+
+    exc = error_from_wire({"type": name, "message": "the message", "trace": [["r.py", 4]]})
+
+    assert isinstance(exc, builtin)
+    assert isinstance(exc, AnvilWrappedError)
+    assert type(exc).__name__ == builtin.__name__  # IOError and EnvironmentError are OSError
+    assert type(exc) is errors.wrapped_builtin_class(builtin)
+    assert str(exc) == "the message"
+    assert exc.message == "the message"
+    assert exc.remote_type == name
+    assert exc.remote_trace == [["r.py", 4]]
+    assert any("Remote traceback" in n for n in exc.__notes__)
+    assert error_to_wire(exc)["type"] == builtin.__name__
+
+
+@pytest.mark.parametrize("name", sorted(UNCOMBINABLE))
+def test_builtin_that_cannot_be_combined_arrives_as_a_plain_wrapped_error(name: str) -> None:
+    exc = error_from_wire({"type": name, "message": "m", "trace": [["a.py", 1]]})
+
+    assert type(exc) is AnvilWrappedError
+    assert exc.remote_type == name
+    assert exc.message == "m"
+    assert exc.remote_trace == [["a.py", 1]]
+
+
+def test_one_class_per_builtin_type() -> None:
+    first = error_from_wire({"type": "ValueError", "message": "a"})
+    second = error_from_wire({"type": "ValueError", "message": "b"})
+    other = error_from_wire({"type": "TypeError", "message": "c"})
+
+    assert type(first) is type(second)
+    assert type(first) is not type(other)
+    assert not isinstance(other, ValueError)
+
+
+def test_subclass_relations_of_the_builtins_hold() -> None:
+    exc = error_from_wire({"type": "FileNotFoundError", "message": "no such file"})
+
+    with pytest.raises(OSError):
+        raise exc
+    assert isinstance(exc, FileNotFoundError)
+    assert exc.errno is None
+    assert str(exc) == "no such file"
+
+
+def test_remote_timeout_error_is_the_builtin_not_anvils_own_timeout_error() -> None:
+    exc = error_from_wire({"type": "TimeoutError", "message": "slow"})
+
+    assert isinstance(exc, builtins.TimeoutError)
+    assert isinstance(exc, AnvilWrappedError)
+    assert not isinstance(exc, errors.TimeoutError)
+    assert error_to_wire(exc)["type"] == "TimeoutError"
+
+
+@pytest.mark.parametrize(
+    "name", ["UnicodeDecodeError", "UnicodeEncodeError", "UnicodeTranslateError"]
+)
+def test_builtin_with_a_special_constructor_keeps_the_remote_message(name: str) -> None:
+    exc = error_from_wire({"type": name, "message": "bad byte", "trace": []})
+
+    assert isinstance(exc, getattr(builtins, name))
+    assert isinstance(exc, UnicodeError)
+    assert isinstance(exc, AnvilWrappedError)
+    assert type(exc).__name__ == name
+    assert str(exc) == "bad byte"
+    assert exc.reason == "bad byte"
+    assert exc.remote_type == name
+
+
+def test_traceback_names_the_builtin() -> None:
+    exc = error_from_wire({"type": "ValueError", "message": "kaboom", "trace": []})
+
+    shown = traceback.format_exception_only(type(exc), exc)[0]
+
+    assert shown.rstrip("\n").endswith("ValueError: kaboom")
+
+
+def test_remote_builtin_error_survives_pickle_and_copy() -> None:
+    exc = error_from_wire(
+        {"type": "ValueError", "message": "kaboom", "trace": [["r.py", 9]]}, where="the uplink"
+    )
+
+    for again in (pickle.loads(pickle.dumps(exc)), copy.copy(exc), copy.deepcopy(exc)):
+        assert type(again) is type(exc)
+        assert str(again) == "kaboom"
+        assert again.remote_type == "ValueError"
+        assert again.remote_trace == [["r.py", 9]]
+        assert again.__notes__ == exc.__notes__
+
+
+def test_remote_builtin_error_is_sent_on_under_its_builtin_name_with_its_remote_trace() -> None:
+    received = error_from_wire({"type": "ValueError", "message": "deep", "trace": [["r.py", 7]]})
+
+    wire = error_to_wire(caught(received))
+
+    assert wire["type"] == "ValueError"
+    assert wire["message"] == "deep"
+    assert wire["trace"][0][0] == THIS_FILE
+    assert wire["trace"][-1] == ["r.py", 7]
+
+
+def test_registering_a_builtin_name_makes_it_arrive_plain(registry: None) -> None:
+    register_exception_type("ValueError", ValueError)
+
+    exc = error_from_wire({"type": "ValueError", "message": "plain", "trace": []})
+
+    assert type(exc) is ValueError
+    assert str(exc) == "plain"
+
+
+def test_remote_builtin_error_through_a_real_call_is_caught_both_ways() -> None:
+    @server.callable
+    def fails(kind):
+        if kind == "value":
+            raise ValueError("bad value")
+        raise FileNotFoundError("no such file: x.txt")
+
+    with pytest.raises(ValueError, match="bad value") as info:
+        server.call("fails", "value")
+    assert isinstance(info.value, AnvilWrappedError)
+    assert info.value.remote_type == "ValueError"
+    assert any("Remote traceback" in n for n in info.value.__notes__)
+    with pytest.raises(AnvilWrappedError, match="no such file") as info:
+        server.call("fails", "file")
+    assert isinstance(info.value, FileNotFoundError)
+    assert type(info.value).__name__ == "FileNotFoundError"
 
 
 def test_unknown_type_becomes_a_wrapped_error_keeping_the_remote_type() -> None:
@@ -348,8 +512,10 @@ def test_malformed_trace_entries_do_not_stop_the_error_being_rebuilt() -> None:
         {"type": "ValueError", "message": "kaboom", "trace": [5, None, ["ok.py", 2]]}
     )
 
-    assert type(exc) is ValueError
+    assert isinstance(exc, ValueError)
+    assert isinstance(exc, AnvilWrappedError)
     assert str(exc) == "kaboom"
+    assert exc.remote_trace == [["ok.py", 2]]
 
 
 def test_registered_class_needing_more_arguments_falls_back_to_a_wrapped_error(
@@ -363,14 +529,6 @@ def test_registered_class_needing_more_arguments_falls_back_to_a_wrapped_error(
     assert exc.remote_type == "NeedsTwoArguments"
     assert exc.message == "m"
     assert exc.remote_trace == [["a.py", 1]]
-
-
-def test_builtin_class_needing_more_arguments_falls_back_to_a_wrapped_error() -> None:
-    exc = error_from_wire({"type": "UnicodeDecodeError", "message": "bad byte", "trace": []})
-
-    assert type(exc) is AnvilWrappedError
-    assert exc.remote_type == "UnicodeDecodeError"
-    assert exc.message == "bad byte"
 
 
 @pytest.mark.parametrize("name", OWN_CLASSES)
