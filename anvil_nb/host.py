@@ -448,16 +448,7 @@ class Host:
             raise ProtocolError(f"call id {clip(call_id)} is already in use on this connection")
         self._admit(ps)
         parent = _parent(ps, msg)
-        if parent is not None:
-            session_id, stack, client = parent.session_id, [ps.frame, *parent.stack], parent.client
-        else:
-            session_id, stack, client = ps.session_id, [ps.frame], ps.peer.client
-        if len(stack) > MAX_CALL_DEPTH:
-            raise StackOverflow(
-                f"Server calls are nested more than {MAX_CALL_DEPTH} deep (calling {clip(command)!r})"
-            )
-        if not ps.trusted and ":" in command:
-            raise PermissionDenied(f"Untrusted callers cannot call {clip(command)!r}")
+        session_id, stack, client = self._place(ps, parent, command)
         handler = self._private.get(command)
         if handler is not None and command in _SESSIONLESS:  # keep-alives do not touch sessions
             self._send(ps, protocol.response(call_id, handler(ps, msg, None), []))
@@ -534,6 +525,23 @@ class Host:
                     provider=provider.peer.name,
                 )
             )
+
+    @staticmethod
+    def _place(
+        ps: _PeerState, parent: _Request | None, command: str
+    ) -> tuple[str, list[dict[str, Any]], dict[str, Any]]:
+        """The session, call stack and client of a call (its parent's when it is nested)."""
+        if parent is not None:
+            session_id, stack, client = parent.session_id, [ps.frame, *parent.stack], parent.client
+        else:
+            session_id, stack, client = ps.session_id, [ps.frame], ps.peer.client
+        if len(stack) > MAX_CALL_DEPTH:
+            raise StackOverflow(
+                f"Server calls are nested more than {MAX_CALL_DEPTH} deep (calling {clip(command)!r})"
+            )
+        if not ps.trusted and ":" in command:
+            raise PermissionDenied(f"Untrusted callers cannot call {clip(command)!r}")
+        return session_id, stack, client
 
     @staticmethod
     def _call_fields(msg: dict[str, Any]) -> tuple[str, list[Any], dict[str, Any]]:
