@@ -97,6 +97,7 @@ __all__ = [
     "session",
     "task_state",
     "unwrap_capability",
+    "wait_forever",
 ]
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -245,6 +246,54 @@ def disconnect() -> None:
 
     kernel.leave()
     _runtime.disconnect()
+
+
+def wait_forever() -> None:
+    """Block the calling thread while this process's connection to its host lasts.
+
+    The last line of an uplink script that serves functions, as in ``anvil-uplink``::
+
+        server.connect(SERVER_KEY, url="ws://127.0.0.1:3030/_/uplink")
+
+        @server.callable
+        def greet(name): ...
+
+        server.wait_forever()
+
+    The connection keeps serving calls (and reconnecting after a drop) meanwhile. It returns
+    once the connection is closed for good: ``server.disconnect()`` from another thread (or
+    from a server function). Ctrl-C raises ``KeyboardInterrupt`` out of it, as in
+    ``anvil-uplink``; the connection ends with the process. It waits on the connection's state,
+    without polling.
+
+    Raises
+    ------
+    RuntimeError
+        This process has no connection (call :func:`connect` first).
+    AppOfflineError
+        Joining the host failed, or the host refused the key (also while waiting).
+    """
+    client = _runtime.current_client(start=False)
+    if client is None:
+        if _runtime.joined_url() is not None:
+            _runtime.current_client()  # raises the AppOfflineError that says joining failed
+        raise RuntimeError(
+            "server.wait_forever() needs a connection: call server.connect(key, url=...) first"
+        )
+    while True:
+        if client.fatal is not None:
+            raise AppOfflineError(f"Anvil fatal error: {client.fatal}")
+        if client.closed:
+            current = _runtime.current_client(start=False)
+            if current is None or current is client:
+                return  # server.disconnect(): the process has no connection any more
+            client = current  # server.connect(...) replaced it: wait on the new one
+            continue
+        # The client notifies this condition on every change of its connection state (close
+        # included); the timeout only keeps Ctrl-C prompt where lock waits are not interruptible.
+        with client._state:
+            if not client.closed and client.fatal is None:
+                client._state.wait(1.0)
 
 
 # ---------------------------------------------------------------------------------------------

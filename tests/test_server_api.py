@@ -32,11 +32,12 @@ REFERENCE_EXCEPTIONS = {
     "PermissionDenied", "QuotaExceededError", "RuntimeUnavailableError", "SerializationError",
     "ServiceNotAdded", "SessionExpiredError", "TimeoutError", "UplinkDisconnectedError",
 }  # fmt: skip
-# What anvil_nb adds: the exception root, the wrapped-error class, an awaitable call, and the
-# parts of CallContext and portable classes that user code names in annotations.
+# What anvil_nb adds: the exception root, the wrapped-error class, an awaitable call, the parts
+# of CallContext and portable classes that user code names in annotations, and anvil-uplink's
+# wait_forever.
 EXTRAS = {
     "AnvilError", "AnvilWrappedError", "call_async", "ClientInfo", "Location", "StackFrame",
-    "SerializationInfo",
+    "SerializationInfo", "wait_forever",
 }  # fmt: skip
 
 

@@ -1,0 +1,179 @@
+"""``server.wait_forever()``: an uplink script's last line, as in ``anvil-uplink``.
+
+It blocks while the process's connection lasts (serving calls meanwhile), returns once
+``server.disconnect()`` closed it, and lets Ctrl-C (``KeyboardInterrupt``) through. The network
+cases run a real ``anvil-nb serve`` and the provider script as subprocesses of this venv's
+Python; every wait is bounded and every process is stopped.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from support import Lines, stop_process, tail
+
+from anvil_nb import server
+from anvil_nb.errors import AppOfflineError
+
+WAIT = 30.0
+SERVER_KEY = "server_wait_forever_test"
+CLIENT_KEY = "client_wait_forever_test"
+
+
+# ---------------------------------------------------------------------------------------------
+# In this process
+
+
+def test_without_a_connection_it_says_to_connect_first() -> None:
+    with pytest.raises(RuntimeError, match=r"server\.connect"):
+        server.wait_forever()
+
+
+def test_after_a_failed_connect_it_raises_app_offline() -> None:
+    with pytest.raises(AppOfflineError):
+        server.connect("server_nobody", url="ws://127.0.0.1:1/_/uplink", quiet=True)
+
+    with pytest.raises(AppOfflineError):
+        server.wait_forever()
+
+
+def test_serves_calls_while_waiting_and_returns_when_disconnected() -> None:
+    @server.callable
+    def ping() -> str:
+        return "pong"
+
+    server.call("ping")  # this process's connection (to an embedded host) is up
+    answers: list[str] = []
+
+    def from_another_thread() -> None:
+        answers.append(server.call("ping"))
+        time.sleep(0.2)
+        server.disconnect()
+
+    helper = threading.Thread(target=from_another_thread, daemon=True)
+    started = time.monotonic()
+    helper.start()
+    server.wait_forever()
+    took = time.monotonic() - started
+    helper.join(WAIT)
+
+    assert answers == ["pong"]
+    assert 0.2 <= took < 5.0
+    assert not server.is_app_online()
+
+
+# ---------------------------------------------------------------------------------------------
+# A provider script over the network
+
+
+@pytest.fixture
+def uplink_url(tmp_path: Path) -> Iterator[str]:
+    """A real ``anvil-nb serve`` on a free port, with known keys and a temporary data dir."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "anvil_nb", "serve", "--port", "0",
+         "--server-key", SERVER_KEY, "--client-key", CLIENT_KEY,
+         "--data-dir", str(tmp_path / "data")],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )  # fmt: skip
+    try:
+        line = Lines(proc.stdout).next(time.monotonic() + WAIT) or ""
+        assert "(uplink ws://" in line, f"anvil-nb serve said {line!r}"
+        yield line.split("(uplink ", 1)[1].rstrip(")")
+    finally:
+        stop_process(proc, signal.SIGTERM)
+        proc.stdout.close()
+
+
+PROVIDER = """\
+import sys
+from anvil_nb import server
+
+server.connect({key!r}, url={url!r}, quiet=True)
+
+@server.callable
+def greet(name):
+    return f"Hello, {{name}}!"
+
+@server.callable
+def stop():
+    import threading
+    threading.Timer(0.2, server.disconnect).start()  # after this call's answer has gone
+    return "stopping"
+
+print("waiting", flush=True)
+try:
+    server.wait_forever()
+except KeyboardInterrupt:
+    print("KeyboardInterrupt", flush=True)
+    {after_interrupt}
+print("returned", flush=True)
+"""
+
+
+def start_provider(tmp_path: Path, url: str, after_interrupt: str = "raise") -> tuple[Any, Lines]:
+    script = tmp_path / "provider.py"
+    script.write_text(PROVIDER.format(key=SERVER_KEY, url=url, after_interrupt=after_interrupt))
+    log = open(tmp_path / "provider.err", "w")  # noqa: SIM115 - closed with the process
+    proc = subprocess.Popen(
+        [sys.executable, str(script)], stdout=subprocess.PIPE, stderr=log, text=True
+    )
+    log.close()
+    lines = Lines(proc.stdout)
+    assert lines.next(time.monotonic() + WAIT) == "waiting", tail(tmp_path / "provider.err")
+    return proc, lines
+
+
+def test_provider_serves_until_it_disconnects(tmp_path: Path, uplink_url: str) -> None:
+    proc, lines = start_provider(tmp_path, uplink_url)
+    try:
+        server.connect(CLIENT_KEY, url=uplink_url, quiet=True)
+        assert server.call("greet", "Ann") == "Hello, Ann!"
+        time.sleep(0.5)
+        assert proc.poll() is None, "the provider should still be waiting"
+        assert server.call("greet", "Bob") == "Hello, Bob!"
+
+        assert server.call("stop") == "stopping"
+
+        assert lines.next(time.monotonic() + WAIT) == "returned", tail(tmp_path / "provider.err")
+        assert proc.wait(WAIT) == 0
+    finally:
+        server.disconnect()
+        stop_process(proc)
+        proc.stdout.close()
+
+
+def test_ctrl_c_raises_keyboard_interrupt_out_of_it(tmp_path: Path, uplink_url: str) -> None:
+    proc, lines = start_provider(tmp_path, uplink_url, after_interrupt="pass")
+    try:
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGINT)
+
+        assert lines.next(time.monotonic() + 5) == "KeyboardInterrupt"
+        assert lines.next(time.monotonic() + 5) == "returned"
+        assert proc.wait(10) == 0
+    finally:
+        stop_process(proc)
+        proc.stdout.close()
+
+
+def test_uncaught_ctrl_c_ends_the_script(tmp_path: Path, uplink_url: str) -> None:
+    proc, lines = start_provider(tmp_path, uplink_url, after_interrupt="raise")
+    try:
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGINT)
+
+        assert lines.next(time.monotonic() + 5) == "KeyboardInterrupt"
+        code = proc.wait(10)  # the process does not hang on its connection's threads
+        assert code in (-signal.SIGINT, 1, 130), code
+        assert "KeyboardInterrupt" in (tmp_path / "provider.err").read_text()
+    finally:
+        stop_process(proc)
+        proc.stdout.close()
