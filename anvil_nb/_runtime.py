@@ -13,23 +13,78 @@
 
 :func:`disconnect` (``server.disconnect()``) ends all of it and returns the process to the
 state it started in.
+
+:func:`on_client_change` lets others follow whichever client is the default (the widgets' event
+feed subscribes to it, in a kernel or any other process).
 """
 
 from __future__ import annotations
 
+import logging
 import threading
+from collections.abc import Callable
 
 from anvil_nb.client import Client
 from anvil_nb.errors import AppOfflineError
 from anvil_nb.transports.inprocess import HostThread
 
-__all__ = ["current_client", "disconnect", "embedded_host", "joined_url", "set_client"]
+__all__ = [
+    "current_client",
+    "disconnect",
+    "embedded_host",
+    "joined_url",
+    "on_client_change",
+    "set_client",
+]
+
+log = logging.getLogger("anvil_nb.runtime")
 
 _lock = threading.RLock()
 _client: Client | None = None
 _embedded: HostThread | None = None
 #: The host this process joined (its URL), or None while it never joined one.
 _remote: str | None = None
+#: Called with the default client (or None) whenever it changes; see :func:`on_client_change`.
+_listeners: tuple[Callable[[Client | None], None], ...] = ()
+#: Serialises the calls to listeners, so the last one always sees the latest client.
+_notify_lock = threading.Lock()
+
+
+def on_client_change(listener: Callable[[Client | None], None]) -> Callable[[], None]:
+    """Call *listener* with the default client now, and again whenever it changes.
+
+    The client is the one :func:`current_client` would return without starting one (``None``
+    when there is none): it changes with :func:`set_client`, :func:`disconnect`, and when
+    :func:`current_client` connects to the embedded host. Listeners run on the thread that made
+    the change, one change at a time, outside this module's lock; an exception in one is logged.
+    Returns a function that removes *listener*.
+    """
+    global _listeners
+    with _lock:
+        _listeners = (*_listeners, listener)
+    with _notify_lock:
+        _call(listener, _client)
+
+    def remove() -> None:
+        global _listeners
+        with _lock:
+            _listeners = tuple(x for x in _listeners if x is not listener)
+
+    return remove
+
+
+def _call(listener: Callable[[Client | None], None], client: Client | None) -> None:
+    try:
+        listener(client)
+    except Exception:
+        log.exception("anvil_nb: a client-change listener failed")
+
+
+def _client_changed() -> None:
+    with _notify_lock:
+        client = _client  # the latest, whichever change this notification was for
+        for listener in _listeners:
+            _call(listener, client)
 
 
 def embedded_host() -> HostThread:
@@ -68,9 +123,12 @@ def current_client(start: bool = True) -> Client | None:
                     "server.connect(...) again (or server.disconnect() to use an embedded host)"
                 )
             return _client
-        if (_client is None or not _client.connected) and start:
-            _client = Client(embedded_host().connect("server_module")).start()
-        return _client
+        if not ((_client is None or not _client.connected) and start):
+            return _client
+        client = _client = Client(embedded_host().connect("server_module")).start()
+    if _listeners:
+        _client_changed()
+    return client
 
 
 def set_client(client: Client | None, remote: str | None = None) -> None:
@@ -85,6 +143,8 @@ def set_client(client: Client | None, remote: str | None = None) -> None:
         _remote = remote
     if old is not None and old is not client:
         old.close()
+    if _listeners:
+        _client_changed()
 
 
 def disconnect() -> None:

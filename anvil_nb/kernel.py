@@ -17,6 +17,9 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,7 +28,7 @@ from anvil_nb.client import Client, functions
 from anvil_nb.errors import AnvilError, AppOfflineError
 from anvil_nb.events import EventBus
 
-__all__ = ["ENV_KEY", "ENV_URL", "events", "format_status", "join", "leave", "status"]
+__all__ = ["ENV_KEY", "ENV_URL", "events", "follow", "format_status", "join", "leave", "status"]
 
 log = logging.getLogger("anvil_nb.kernel")
 
@@ -52,10 +55,56 @@ class Joined:
 
 _joined: Joined | None = None
 
-#: Everything this kernel's connection reports (calls served and made, sessions, capability
-#: updates, registrations), whichever host it is joined to now: widgets subscribe here once and
-#: keep working across reconnections and ``%anvil connect``.
+#: Everything this process's connection reports (calls served and made, sessions, capability
+#: updates, registrations), whichever client :mod:`anvil_nb._runtime` holds now: this kernel's
+#: (``%load_ext``, ``%anvil connect``), ``server.connect``'s, or the embedded host's of a plain
+#: process. Widgets subscribe here once and keep working across reconnections and new clients.
 events = EventBus()
+
+_TRUSTED = frozenset({"server_module", "uplink"})
+_follow_lock = threading.Lock()
+#: The client whose events feed :data:`events`, and how to stop that.
+_followed: Client | None = None
+_unfollow: Callable[[], None] | None = None
+#: The host's answer to ``watch_registry`` for each client that watches the registry.
+_watching: weakref.WeakKeyDictionary[Client, dict[str, Any]] = weakref.WeakKeyDictionary()
+
+
+def follow(client: Client | None, watch: bool = False) -> dict[str, Any] | None:
+    """Feed *client*'s events into :data:`events`, instead of the previous client's.
+
+    :mod:`anvil_nb._runtime` calls this whenever the process's default client changes, so the
+    bus always carries the client in use. A trusted client also has the host push registration
+    changes (``Client.watch_registry``, which the client renews after reconnecting) when *watch*
+    is set or someone listens to :data:`events`; returns the host's answer then
+    (``{"registrations", "you", ...}``), or ``None``.
+    """
+    global _followed, _unfollow
+    with _follow_lock:
+        if client is not _followed:
+            if _unfollow is not None:
+                _unfollow()
+            _followed = client
+            _unfollow = client.events.subscribe(events.emit) if client is not None else None
+        if client is None or client.own_type not in _TRUSTED or not client.connected:
+            return None
+        if client in _watching:
+            return _watching[client] or None
+        if not (watch or events.active):
+            return None
+        _watching[client] = {}  # once per client: the client renews it after a reconnection
+    try:
+        state = client.watch_registry()  # registration changes are pushed from now on
+    except Exception as exc:  # an older host: the registry view shows only what is known here
+        log.info("anvil_nb: the host does not push registry changes (%s)", exc)
+        return None
+    if isinstance(state, dict):
+        _watching[client] = state
+        return state
+    return None
+
+
+_runtime.on_client_change(follow)
 
 
 def join(url: str | None = None, key: str | None = None) -> Joined:
@@ -84,13 +133,10 @@ def join(url: str | None = None, key: str | None = None) -> Joined:
         if leave_quietly.embedded:
             _runtime.disconnect()
     joined.client.capture_output = True
-    joined.client.events.subscribe(events.emit)
-    try:
-        state = joined.client.watch_registry()  # registration changes are pushed from now on
+    state = follow(joined.client, watch=True)  # now: set_client below follows it again (no-op)
+    if state is not None:
         joined.peer_name = state.get("you")
         joined.registrations = state.get("registrations") or {}
-    except AnvilError as exc:  # an older host: the registry view shows only what this kernel knows
-        log.info("anvil_nb: the host does not push registry changes (%s)", exc)
     _output.install()
     # A kernel that joined a host stays with it (never falls back to an embedded one).
     _runtime.set_client(joined.client, remote=None if joined.embedded else joined.url)
@@ -126,8 +172,12 @@ def _join_embedded() -> Joined:
 
 
 def peer_name() -> str | None:
-    """The name the host knows this kernel by (to mark its own registrations)."""
-    return _joined.peer_name if _joined is not None else None
+    """The name the host knows this kernel (or process) by, to mark its own registrations."""
+    if _joined is not None:
+        return _joined.peer_name
+    client = _runtime.current_client(start=False)  # a process without %load_ext
+    state = _watching.get(client) if client is not None else None
+    return state.get("you") if state else None
 
 
 def registry_snapshot() -> dict[str, list[str]] | None:

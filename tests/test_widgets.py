@@ -358,10 +358,15 @@ def test_a_widget_cannot_raise_into_the_call_path(connect):
 
 @pytest.mark.parametrize("n", [1, 3])
 def test_shared_feed_is_one_per_kernel(n):
-    from anvil_nb.widgets import shared_feed
+    from anvil_nb.widgets import feed, shared_feed
 
-    feeds = {id(shared_feed()) for _ in range(n)}
-    assert len(feeds) == 1
+    try:
+        feeds = {id(shared_feed()) for _ in range(n)}
+        assert len(feeds) == 1
+    finally:  # later tests start without it (it listens to every client this process uses)
+        if feed._feed is not None:
+            feed._feed.unsubscribe()
+            feed._feed = None
 
 
 def test_widgets_keep_working_after_the_kernel_reconnects():
@@ -371,9 +376,9 @@ def test_widgets_keep_working_after_the_kernel_reconnects():
     from anvil_nb.client import functions
 
     h = NetHost()
+    feed = Feed()  # on kernel.events, as the dashboard is
     try:
         kernel.join(h.url, KEYS.server_key)
-        feed = Feed()  # on kernel.events, as the dashboard is
         functions.register("ping", lambda: "pong")
         caller = h.client(KEYS.client_key)
         assert caller.call("ping") == "pong"
@@ -395,5 +400,6 @@ def test_widgets_keep_working_after_the_kernel_reconnects():
             threading.Event().wait(0.01)  # the re-watch's snapshot arrives on the I/O thread
         assert "ping" in feed.registry.names()  # the snapshot of the re-watch after reconnecting
     finally:
+        feed.unsubscribe()
         kernel.leave()
         h.stop()

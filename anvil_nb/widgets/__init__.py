@@ -1,4 +1,4 @@
-"""Live widgets: what the server side of this notebook is doing, as it happens.
+"""Live widgets: what the server side of this notebook (or any process) is doing, as it happens.
 
 * :class:`CallLog`: calls served by and made from this kernel, with their CallContext;
 * :class:`SessionInspector`: the sessions served, with the keys each call changed;
@@ -6,26 +6,31 @@
 * :class:`Registry`: registered names and who provides them;
 * :func:`dashboard`: all four in tabs (``%anvil dashboard``).
 
-They are fed by the kernel's events (pushed, never polled), render at most every 100 ms, keep
-bounded ring buffers, and share one set of models per kernel, so several dashboards agree.
-Nothing in a widget can raise into a call.
+They are fed by the events of whichever client the process uses (a kernel's after
+``%load_ext``, ``server.connect``'s, or the embedded host's of a plain script), pushed, never
+polled; they render at most every 100 ms (and as each cell ends in a kernel), keep bounded ring
+buffers, and share one set of models per process, so several dashboards agree. Saved without a
+widget frontend, each reads as a one-line summary. Nothing in a widget can raise into a call.
 """
 
 from __future__ import annotations
 
 from anvil_nb.widgets.call_log import CallLog
 from anvil_nb.widgets.capability_stream import CapabilityStream
-from anvil_nb.widgets.dashboard import dashboard
+from anvil_nb.widgets.dashboard import Dashboard, dashboard
 from anvil_nb.widgets.feed import Feed, shared_feed
 from anvil_nb.widgets.registry import Registry
 from anvil_nb.widgets.session_state import SessionInspector
+from anvil_nb.widgets.view import flush
 
 __all__ = [
     "CallLog",
     "CapabilityStream",
+    "Dashboard",
     "Feed",
     "Registry",
     "SessionInspector",
     "dashboard",
+    "flush",
     "shared_feed",
 ]

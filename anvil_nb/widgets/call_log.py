@@ -1,4 +1,4 @@
-"""CallLog: a live table of the calls served by and made from this kernel.
+"""CallLog: a live table of the calls served by and made from this kernel (or process).
 
 Each row: time, direction, function and arguments, caller type, trusted or not, client (type,
 IP, location), session, background task, duration, outcome (result or exception) and captured
@@ -25,7 +25,7 @@ class CallLog(LiveView):
     Parameters
     ----------
     feed : Feed, optional
-        Where the calls come from (default: this kernel's).
+        Where the calls come from (default: this process's, :func:`shared_feed`).
     limit : int
         How many rows the table shows (the model keeps more; see ``Feed(maxlen=...)``).
     interval : float
@@ -76,6 +76,10 @@ class CallLog(LiveView):
         self.choice.options = choices
         self.choice.value = keep if keep in dict(choices).values() else ""
         self._show_detail()
+
+    def summary(self) -> str:
+        """``anvil_nb call log: 3 calls (1 error)``."""
+        return f"anvil_nb call log: {render.call_summary(self.model)}"
 
     def _show_detail(self) -> None:
         call_id = self.choice.value

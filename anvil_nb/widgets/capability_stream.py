@@ -27,3 +27,9 @@ class CapabilityStream(LiveView):
 
     def render(self) -> None:  # noqa: D102
         self.table.value = render.capability_list(self.model.scopes())
+
+    def summary(self) -> str:
+        """``anvil_nb capability updates: 5 updates in 2 scopes``."""
+        scopes = self.model.scopes()
+        updates = render.plural(sum(v.count for v in scopes), "update")
+        return f"anvil_nb capability updates: {updates} in {render.plural(len(scopes), 'scope')}"

@@ -2,24 +2,62 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import ipywidgets as W
 
+from anvil_nb.widgets import render
 from anvil_nb.widgets.call_log import CallLog
 from anvil_nb.widgets.capability_stream import CapabilityStream
 from anvil_nb.widgets.feed import Feed, shared_feed
-from anvil_nb.widgets.registry import Registry
+from anvil_nb.widgets.registry import Registry, function_names
 from anvil_nb.widgets.session_state import SessionInspector
+from anvil_nb.widgets.view import LIVE, plain_bundle
 
-__all__ = ["TITLES", "dashboard"]
+__all__ = ["TITLES", "Dashboard", "dashboard"]
 
 TITLES = ("Calls", "Sessions", "Capabilities", "Registry")
 
 
-def dashboard(feed: Feed | None = None) -> W.Tab:
+class Dashboard(W.Tab):
+    """Calls, sessions, capability streams and the registry of *feed*, live, in tabs.
+
+    Without a widget frontend it reads as one line, e.g. ``anvil_nb dashboard: 3 calls,
+    1 session, 2 functions (live view: run the cell in a kernel)``.
+    """
+
+    def __init__(self, feed: Feed | None = None, **kwargs: Any):
+        self.feed = feed or shared_feed()
+        super().__init__(
+            children=[
+                CallLog(self.feed),
+                SessionInspector(self.feed),
+                CapabilityStream(self.feed),
+                Registry(self.feed),
+            ],
+            **kwargs,
+        )
+        self.titles = TITLES
+
+    def summary(self) -> str:
+        """``anvil_nb dashboard: 3 calls, 1 session, 2 functions``."""
+        feed = self.feed
+        return (
+            f"anvil_nb dashboard: {render.call_summary(feed.calls)}, "
+            f"{render.plural(len(feed.sessions.sessions()), 'session')}, "
+            f"{render.plural(len(function_names(feed)), 'function')}"
+        )
+
+    def __repr__(self) -> str:
+        try:
+            return f"{self.summary()} {LIVE}"
+        except Exception:  # a repr must not raise
+            return f"anvil_nb dashboard {LIVE}"
+
+    def _repr_mimebundle_(self, **kwargs: Any) -> Any:
+        return plain_bundle(self, repr(self), **kwargs)
+
+
+def dashboard(feed: Feed | None = None) -> Dashboard:
     """Calls, sessions, capability streams and the registry, live, in one Tab widget."""
-    feed = feed or shared_feed()
-    tab = W.Tab(
-        children=[CallLog(feed), SessionInspector(feed), CapabilityStream(feed), Registry(feed)]
-    )
-    tab.titles = TITLES
-    return tab
+    return Dashboard(feed)

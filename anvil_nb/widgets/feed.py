@@ -1,15 +1,19 @@
-"""The feed: one set of models per kernel, fed by :data:`anvil_nb.kernel.events`.
+"""The feed: one set of models per process, fed by :data:`anvil_nb.kernel.events`.
 
-Every view of a kernel renders from the same models, so several dashboards in one notebook
-always agree. The feed subscribes once, to the kernel's bus, which outlives reconnections and
-``%anvil connect``: the views keep working whichever host the kernel is joined to.
+Every view of a process renders from the same models, so several dashboards in one notebook
+always agree. The feed subscribes once, to the process's bus, which carries the events of
+whichever client the process uses (:func:`anvil_nb.kernel.follow` moves it to each new one):
+a kernel's (``%load_ext``, across reconnections and ``%anvil connect``), ``server.connect``'s,
+or the embedded host's of a plain script. The views keep working whichever host that is.
 """
 
 from __future__ import annotations
 
+import sys
 import threading
+from typing import Any
 
-from anvil_nb import kernel
+from anvil_nb import _runtime, kernel
 from anvil_nb.events import Event, EventBus, RegistrySnapshot
 from anvil_nb.widgets.models import CallLogModel, CapabilityModel, RegistryModel, SessionModel
 
@@ -22,13 +26,16 @@ class Feed:
     Parameters
     ----------
     bus : EventBus, optional
-        Where events come from (default: the kernel's bus).
+        Where events come from (default: the process's bus, :data:`anvil_nb.kernel.events`).
     maxlen : int
         How many calls the call log keeps.
+    me : str
+        How the views name this process: "this kernel" (the default) or "this process".
     """
 
-    def __init__(self, bus: EventBus | None = None, maxlen: int = 500):
-        self.calls = CallLogModel(maxlen)
+    def __init__(self, bus: EventBus | None = None, maxlen: int = 500, me: str = "this kernel"):
+        self.me = me
+        self.calls = CallLogModel(maxlen, me=me)
         self.sessions = SessionModel()
         self.capabilities = CapabilityModel()
         self.registry = RegistryModel()
@@ -48,13 +55,40 @@ _lock = threading.Lock()
 _feed: Feed | None = None
 
 
+def _in_kernel() -> bool:
+    """Whether this process is an IPython kernel (without importing IPython when it is not)."""
+    ipython: Any = sys.modules.get("IPython")
+    shell = ipython.get_ipython() if ipython is not None else None
+    return shell is not None and getattr(shell, "kernel", None) is not None
+
+
+def _process_registrations() -> dict[str, list[str]] | None:
+    """The host's registrations as the process's own client sees them (no ``%load_ext``).
+
+    A trusted client is made to watch the registry from now on, so changes are pushed.
+    """
+    client = _runtime.current_client(start=False)
+    if client is None or kernel.follow(client, watch=True) is None:
+        return None  # no client yet (it is watched when it comes), or an untrusted one
+    try:
+        return dict(client.call("anvil.private.host_state").get("registrations") or {})
+    except Exception:  # gone meanwhile: the pushed snapshot (if any) will do
+        return None
+
+
 def shared_feed() -> Feed:
-    """The kernel's feed, created on first use (and seeded with the host's registrations)."""
+    """The process's feed, created on first use (and seeded with the host's registrations).
+
+    Under ``%load_ext anvil_nb`` it is created as the kernel joins, so it holds everything
+    since then; in any other process it records from its first use on.
+    """
     global _feed
     with _lock:
         if _feed is None:
-            _feed = Feed()
+            _feed = Feed(me="this kernel" if _in_kernel() else "this process")
             snapshot = kernel.registry_snapshot()
+            if snapshot is None:
+                snapshot = _process_registrations()
             if snapshot is not None:
                 _feed.registry.load(snapshot)
         return _feed

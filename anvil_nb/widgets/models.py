@@ -35,7 +35,45 @@ __all__ = [
     "short_repr",
 ]
 
-_repr = reprlib.Repr()
+
+class _Repr(reprlib.Repr):
+    """reprlib's bounded repr; an object without a ``__repr__`` of its own (a portable class's,
+    typically) shows its class name and fields, ``Person(name='Ann', age=3)``, not
+    ``<__main__.Person object at 0x...>``.
+    """
+
+    def repr_instance(self, x: Any, level: int) -> str:
+        cls = type(x)
+        items = _fields(x, self.maxdict + 1) if cls.__repr__ is object.__repr__ else None
+        if items is None:
+            return super().repr_instance(x, level)
+        name = cls.__name__
+        if level <= 0:
+            return f"{name}({self.fillvalue})"
+        parts = [f"{k}={self.repr1(v, level - 1)}" for k, v in items[: self.maxdict]]
+        if len(items) > self.maxdict:
+            parts.append(self.fillvalue)
+        return f"{name}({', '.join(parts)})"
+
+
+def _fields(x: Any, n: int) -> list[tuple[str, Any]] | None:
+    """The first *n* attributes of *x* (its ``__dict__``, else its ``__slots__``); None if neither."""
+    try:
+        fields = getattr(x, "__dict__", None)
+        if isinstance(fields, dict):
+            return list(fields.items())[:n]
+        slots = []
+        for c in type(x).__mro__:
+            declared = c.__dict__.get("__slots__", ())
+            for name in [declared] if isinstance(declared, str) else declared:
+                if name not in ("__dict__", "__weakref__") and hasattr(x, name):
+                    slots.append(name)
+        return [(name, getattr(x, name)) for name in slots[:n]] if slots else None
+    except Exception:  # changed by another thread meanwhile, or an odd descriptor
+        return None
+
+
+_repr = _Repr()
 _repr.maxstring = 80
 _repr.maxother = 80
 _repr.maxlist = _repr.maxdict = _repr.maxtuple = _repr.maxset = 8
@@ -45,7 +83,10 @@ MAX_REPR = 200
 
 
 def short_repr(value: Any, limit: int = MAX_REPR) -> str:
-    """A readable repr, truncated; never raises (a repr that fails says so)."""
+    """A readable repr, truncated; never raises (a repr that fails says so).
+
+    Objects show their own ``__repr__``; those without one their class name and fields.
+    """
     try:
         text = _repr.repr(value)
     except Exception as exc:  # a user's __repr__ must not break the view
@@ -125,11 +166,15 @@ def _location(client: dict[str, Any] | None) -> str:
 
 
 class CallLogModel(Model):
-    """The last *maxlen* calls served by or made from this kernel, by call id."""
+    """The last *maxlen* calls served by or made from this kernel (or process), by call id.
 
-    def __init__(self, maxlen: int = 500):
+    *me* is the caller shown for calls made from here ("this kernel" or "this process").
+    """
+
+    def __init__(self, maxlen: int = 500, me: str = "this kernel"):
         super().__init__()
         self.maxlen = maxlen
+        self.me = me
         self._calls: OrderedDict[str, CallRecord] = OrderedDict()
         self.total = 0
 
@@ -139,7 +184,7 @@ class CallLogModel(Model):
             caller = (
                 event.call_stack[0]
                 if event.call_stack
-                else ("this kernel" if event.direction == "out" else "")
+                else (self.me if event.direction == "out" else "")
             )
             args = ", ".join(
                 [short_repr(a, 60) for a in event.args]

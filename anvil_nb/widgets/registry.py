@@ -12,25 +12,43 @@ from anvil_nb.widgets import render
 from anvil_nb.widgets.feed import Feed, shared_feed
 from anvil_nb.widgets.view import LiveView
 
-__all__ = ["Registry"]
+__all__ = ["Registry", "function_names"]
+
+_BUILTIN_CLASSES = frozenset({"anvil.server._LoadAppResponse"})
+
+
+def function_names(feed: Feed) -> list[str]:
+    """Every name registered with the host (as far as *feed* knows) or in this process."""
+    return sorted(set(feed.registry.names()) | set(functions.names()))
 
 
 class Registry(LiveView):
     """Callables and portable classes, with their providers: this kernel, other kernels, uplinks."""
 
     def __init__(self, feed: Feed | None = None, interval: float = 0.1, **kwargs: Any):
+        self.feed = feed or shared_feed()
         self.table = W.HTML()
-        super().__init__(
-            (feed or shared_feed()).registry, interval, children=[self.table], **kwargs
-        )
+        super().__init__(self.feed.registry, interval, children=[self.table], **kwargs)
         self._stop_listening = functions.add_listener(lambda _name, _added: self.throttle.mark())
         self.refresh()
 
+    def _classes(self) -> list[str]:
+        return sorted(set(portable.registered_names()) - _BUILTIN_CLASSES)
+
     def render(self) -> None:  # noqa: D102
-        classes = sorted(set(portable.registered_names()) - {"anvil.server._LoadAppResponse"})
         self.table.value = render.registry_table(
-            self.model.names(), sorted(functions.names()), classes, kernel.peer_name()
+            self.model.names(),
+            sorted(functions.names()),
+            self._classes(),
+            kernel.peer_name(),
+            self.feed.me,
         )
+
+    def summary(self) -> str:
+        """``anvil_nb registry: 2 functions, 1 portable class``."""
+        names = render.plural(len(function_names(self.feed)), "function")
+        classes = render.plural(len(self._classes()), "portable class", "portable classes")
+        return f"anvil_nb registry: {names}, {classes}"
 
     def close(self) -> None:  # noqa: D102
         self._stop_listening()

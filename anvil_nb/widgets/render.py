@@ -3,22 +3,68 @@
 from __future__ import annotations
 
 import html
+import linecache
+import sys
 import time
 from collections.abc import Iterable
 from typing import Any
 
-from anvil_nb.widgets.models import CallRecord, CapabilityView, SessionView, short_repr
+from anvil_nb.widgets.models import (
+    CallLogModel,
+    CallRecord,
+    CapabilityView,
+    SessionView,
+    short_repr,
+)
 
-__all__ = ["call_detail", "call_table", "capability_list", "registry_table", "session_list"]
+__all__ = [
+    "call_detail",
+    "call_summary",
+    "call_table",
+    "capability_list",
+    "plural",
+    "registry_table",
+    "session_list",
+    "source_line",
+    "traceback_html",
+]
+
+#: The longest source line a traceback shows.
+MAX_SOURCE = 200
 
 _STYLE = (
-    "<style>.anvil-nb table{border-collapse:collapse;font-size:12px;font-family:var(--jp-code-font-family,monospace)}"
+    "<style>.anvil-nb{overflow-x:auto;max-width:100%;min-width:0}"
+    ".jupyter-widget-html-content:has(>.anvil-nb),.widget-html-content:has(>.anvil-nb){min-width:0}"
+    ".anvil-nb table{border-collapse:collapse;font-size:12px;font-family:var(--jp-code-font-family,monospace)}"
     ".anvil-nb th,.anvil-nb td{border-bottom:1px solid #ddd;padding:2px 6px;text-align:left;vertical-align:top;"
-    "white-space:nowrap;line-height:1.4}.anvil-nb td.wrap{white-space:normal;min-width:14em;max-width:40em}"
-    ".anvil-nb{overflow-x:auto;max-width:100%}"
+    "white-space:nowrap;line-height:1.4}"
+    # Long text wraps, also inside words, so the table fits its cell instead of running off it.
+    ".anvil-nb td.wrap{white-space:normal;overflow-wrap:anywhere}"
+    ".anvil-nb td.wrap>div{min-width:4em;max-width:48em}.anvil-nb td.wide>div{min-width:9em}"
+    ".anvil-nb td.client>div{min-width:5.5em}"
+    ".anvil-nb pre{white-space:pre-wrap;overflow-wrap:anywhere;margin:2px 0 8px}"
     ".anvil-nb .error{color:#b00020}.anvil-nb .untrusted{color:#9a6700}.anvil-nb mark{background:#fff3a0}"
-    ".anvil-nb .muted{color:#888}</style>"
+    ".anvil-nb .muted{color:#888}.anvil-nb .src{color:#555}</style>"
 )
+
+
+def plural(n: int, word: str, words: str | None = None) -> str:
+    """``1 call``, ``3 calls``."""
+    return f"{n} {word if n == 1 else (words or word + 's')}"
+
+
+def call_summary(model: CallLogModel) -> str:
+    """``3 calls (1 error, 1 running)``: the calls since the log started."""
+    rows = model.rows()
+    counts = [
+        plural(n, what, whats)
+        for what, whats, n in (
+            ("error", "errors", sum(r.outcome == "error" for r in rows)),
+            ("running", "running", sum(r.outcome == "running" for r in rows)),
+        )
+        if n
+    ]
+    return plural(model.total, "call") + (f" ({', '.join(counts)})" if counts else "")
 
 
 def _e(value: Any) -> str:
@@ -54,9 +100,12 @@ def call_table(rows: list[CallRecord], total: int) -> str:
             f'<tr class="anvil-nb-call" data-function="{_e(c.function)}" data-caller="{_e(c.caller)}" '
             f'data-outcome="{_e(c.outcome)}" data-call="{_e(c.call_id)}">'
             f"<td>{_clock(c.time)}</td><td>{'→' if c.direction == 'out' else '←'}</td>"
-            f"<td><b>{_e(c.function)}</b>({_e(c.args)})</td><td>{_e(c.caller)}</td><td>{trust}</td>"
-            f"<td>{_e(client)}</td><td>{_e(c.session_id[:8])}</td><td>{_e(c.task_id)}</td>"
-            f'<td>{duration}</td><td class="wrap">{outcome}</td><td class="wrap">{_e(c.output[-80:])}</td></tr>'
+            f'<td class="wrap wide"><div><b>{_e(c.function)}</b>({_e(c.args)})</div></td>'
+            f"<td>{_e(c.caller)}</td><td>{trust}</td>"
+            f'<td class="wrap client"><div>{_e(client)}</div></td><td>{_e(c.session_id[:8])}</td>'
+            f'<td class="wrap"><div>{_e(c.task_id)}</div></td><td>{duration}</td>'
+            f'<td class="wrap wide"><div>{outcome}</div></td>'
+            f'<td class="wrap"><div>{_e(c.output[-80:])}</div></td></tr>'
         )
     head = [
         "time",
@@ -91,13 +140,61 @@ def call_detail(c: CallRecord | None) -> str:
     if c.outcome == "ok":
         parts.append(f"<b>Result</b><pre>{_e(c.result)}</pre>")
     elif c.outcome == "error":
-        trace = "\n".join(f'  File "{t[0]}", line {t[1]}' for t in reversed(c.trace) if len(t) >= 2)
         parts.append(
-            f'<b>Error</b><pre class="error">Traceback (most recent call last):\n{_e(trace)}\n{_e(c.error_type)}: {_e(c.error_message)}</pre>'
+            '<b>Error</b><pre class="error">Traceback (most recent call last):\n'
+            f"{traceback_html(c.trace, local=c.direction != 'out')}"
+            f"{_e(c.error_type)}: {_e(c.error_message)}</pre>"
         )
     if c.output:
         parts.append(f"<b>Output</b><pre>{_e(c.output)}</pre>")
     return f'<div class="anvil-nb">{_STYLE}{"".join(parts)}</div>'
+
+
+def traceback_html(trace: list[Any], local: bool = True) -> str:
+    """The frames of a trace (innermost first, ``[file, line]`` each), most recent call last,
+    each with its source line where this process has the file.
+
+    *local*: the frames ran in this process (a call served here). Otherwise (a remote trace,
+    received with the error of a call made from here) a line is shown only from a file this
+    process knows (a cell of this kernel, a module it loaded), never any file the trace names.
+    """
+    out = []
+    for frame in reversed(trace):
+        if not isinstance(frame, (list, tuple)) or len(frame) < 2:
+            continue
+        path, line = frame[0], frame[1]
+        out.append(_e(f'  File "{path}", line {line}') + "\n")
+        text = source_line(path, line, local)
+        if text:
+            out.append(f'<span class="src">    {_e(text)}</span>\n')
+    return "".join(out)
+
+
+def source_line(path: Any, line: Any, local: bool = True) -> str:
+    """Line *line* of *path*, stripped and clipped; "" when this process does not have it.
+
+    *local* False: only from a file this process knows (see :func:`traceback_html`).
+    """
+    if not isinstance(path, str) or type(line) is not int or line < 1:
+        return ""
+    if not local and not _known_here(path):
+        return ""
+    try:
+        text = linecache.getline(path, line).strip()
+    except Exception:  # an unreadable file, an odd loader: no line, no error
+        return ""
+    return text if len(text) <= MAX_SOURCE else text[: MAX_SOURCE - 1] + "…"
+
+
+def _known_here(path: str) -> bool:
+    """Whether *path* is a file this process runs code from: a kernel cell or a loaded module."""
+    if path in linecache.cache:  # IPython registers its cells here
+        return True
+    for module in list(sys.modules.values()):
+        file = getattr(module, "__file__", None)
+        if isinstance(file, str) and file.replace("\\", "/") == path:
+            return True
+    return False
 
 
 def session_list(sessions: list[SessionView]) -> str:
@@ -148,16 +245,20 @@ def capability_list(scopes: list[CapabilityView]) -> str:
 
 
 def registry_table(
-    names: dict[str, list[str]], local: list[str], classes: list[str], me: str | None
+    names: dict[str, list[str]],
+    local: list[str],
+    classes: list[str],
+    me: str | None,
+    label: str = "this kernel",
 ) -> str:
-    """Registered names and who provides them; this kernel's own are marked."""
+    """Registered names and who provides them; this kernel's (*label*) own are marked."""
     rows = []
     for name, providers in names.items():
-        who = ", ".join(("this kernel" if p == me else p) for p in providers)
+        who = ", ".join((label if p == me else p) for p in providers)
         rows.append(f'<tr class="anvil-nb-name"><td>{_e(name)}</td><td>{_e(who)}</td></tr>')
     for name in local:
         if name not in names:
-            rows.append(f'<tr class="anvil-nb-name"><td>{_e(name)}</td><td>this kernel</td></tr>')
+            rows.append(f'<tr class="anvil-nb-name"><td>{_e(name)}</td><td>{_e(label)}</td></tr>')
     table = _table("anvil-nb-registry", ["name", "provided by"], rows, "Nothing is registered.")
     portable = ", ".join(_e(c) for c in classes) or '<span class="muted">none</span>'
-    return table + f'<div class="anvil-nb">Portable classes of this kernel: {portable}</div>'
+    return table + f'<div class="anvil-nb">Portable classes of {_e(label)}: {portable}</div>'

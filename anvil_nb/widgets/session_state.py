@@ -25,3 +25,7 @@ class SessionInspector(LiveView):
 
     def render(self) -> None:  # noqa: D102
         self.table.value = render.session_list(self.model.sessions())
+
+    def summary(self) -> str:
+        """``anvil_nb sessions: 2 sessions``."""
+        return f"anvil_nb sessions: {render.plural(len(self.model.sessions()), 'session')}"

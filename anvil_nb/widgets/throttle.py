@@ -2,7 +2,8 @@
 
 The first change after a render schedules the next render *interval* later; changes until then
 only mark the view dirty. Bursts of a thousand calls a second therefore cost ten renders a
-second, and a lone change is shown within *interval*.
+second, and a lone change is shown within *interval*. :meth:`Throttle.flush` renders pending
+changes at once (the views do at the end of each notebook cell).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ class Throttle:
         self.interval = interval
         self.renders = 0
         self._pending = False
+        self._timer: threading.Timer | None = None
         self._lock = threading.Lock()
 
     def mark(self) -> None:
@@ -32,13 +34,31 @@ class Throttle:
             if self._pending:
                 return
             self._pending = True
-        timer = threading.Timer(self.interval, self._fire)
-        timer.daemon = True
+            timer = self._timer = threading.Timer(self.interval, self._fire)
+            timer.daemon = True
         timer.start()
+
+    def flush(self) -> bool:
+        """Render now if something changed since the last render; whether it did."""
+        with self._lock:
+            if not self._pending:
+                return False
+            self._pending = False
+            timer, self._timer = self._timer, None
+        if timer is not None:
+            timer.cancel()
+        self._render()
+        return True
 
     def _fire(self) -> None:
         with self._lock:
+            if not self._pending:
+                return  # flushed meanwhile
             self._pending = False
+            self._timer = None
+        self._render()
+
+    def _render(self) -> None:
         try:
             self.render()
             self.renders += 1
