@@ -4,12 +4,19 @@ The same routes serve the standalone host (prefix ``/``) and the Jupyter server 
 (prefix ``{base_url}anvil/``); each placement picks the handler classes, which decide who may
 use a route:
 
-==================  ==============================================================
-``_/uplink``        uplink WebSocket; the uplink key authenticates, any Origin
-``_/ws``            browser WebSocket (untrusted)
-``_/api/<path>``    HTTP endpoints
-``_/admin/state``   registrations and peers (server key standalone, Jupyter auth in Jupyter)
-==================  ==============================================================
+==========================  ======================================================
+``_/uplink``                uplink WebSocket; the uplink key authenticates (and selects
+                            the app), any Origin
+``_/ws``                    browser WebSocket (untrusted) of the app ``default``
+``_/api/<path>``            HTTP endpoints of ``default``
+``app/<name>/_/ws``         browser WebSocket of the app *name*
+``app/<name>/_/api/<path>`` HTTP endpoints of the app *name*
+``_/admin/state``           registrations and peers (server key standalone, Jupyter auth
+                            in Jupyter)
+==========================  ======================================================
+
+An app route names an app that exists (it has keys); others are a 404: apps are made by
+their keys (``anvil-nb keys NAME``) or by a kernel that joins one, never by a browser.
 """
 
 from __future__ import annotations
@@ -19,10 +26,11 @@ from typing import Any
 
 import tornado.web
 
+from anvil_nb.apps import KeyRing, Keys
 from anvil_nb.handlers import AdminStateHandler, ApiHandler
 from anvil_nb.host import Host
 from anvil_nb.limits import Limits
-from anvil_nb.transports.uplink_ws import BrowserHandler, Keys, UplinkHandler
+from anvil_nb.transports.uplink_ws import BrowserHandler, UplinkHandler
 
 __all__ = ["Handlers", "make_app", "routes", "websocket_settings"]
 
@@ -41,15 +49,25 @@ def _join(prefix: str, path: str) -> str:
     return prefix.rstrip("/") + "/" + path
 
 
+#: An app's name in a route (what :func:`~anvil_nb.apps.app_name` makes).
+APP = "app/([a-z0-9][a-z0-9-]*)/"
+
+
 def routes(
-    host: Host, keys: Keys, prefix: str = "/", handlers: Handlers = Handlers(), public: bool = True
+    host: Host,
+    keys: Keys | KeyRing,
+    prefix: str = "/",
+    handlers: Handlers = Handlers(),
+    public: bool = True,
 ) -> list[tuple[str, type, dict[str, Any]]]:
-    """The host's routes under *prefix*."""
-    kwargs = {"host": host, "keys": keys, "public": public}
+    """The host's routes under *prefix* (one key ring for all of them)."""
+    kwargs = {"host": host, "keys": KeyRing.of(keys), "public": public}
     return [
         (_join(prefix, "_/uplink"), handlers.uplink, kwargs),
         (_join(prefix, "_/ws"), handlers.browser, kwargs),
+        (_join(prefix, APP + "_/ws"), handlers.browser, kwargs),
         (_join(prefix, "_/api/(.*)"), handlers.api, kwargs),
+        (_join(prefix, APP + "_/api/(.*)"), handlers.api, kwargs),
         (_join(prefix, "_/admin/state"), handlers.admin_state, kwargs),
     ]
 
@@ -70,7 +88,7 @@ def websocket_settings(limits: Limits) -> dict[str, Any]:
     }
 
 
-def make_app(host: Host, keys: Keys, prefix: str = "/") -> tornado.web.Application:
+def make_app(host: Host, keys: Keys | KeyRing, prefix: str = "/") -> tornado.web.Application:
     """A tornado application serving *host* under *prefix* (the standalone placement).
 
     Frames larger than the host's ``limits.max_frame_bytes`` close the connection (larger data

@@ -13,21 +13,23 @@ from typing import Any
 import orjson
 import tornado.web
 
+from anvil_nb.apps import KeyRing, Keys
 from anvil_nb.host import Host
-from anvil_nb.transports.uplink_ws import Keys
 
 __all__ = ["AdminStateHandler", "ApiHandler", "admin_state", "no_endpoint"]
 
 
-def admin_state(host: Host, keys: Keys) -> dict[str, Any]:
-    """What ``_/admin/state`` answers: the host's state and the client key (never the server key)."""
-    return {**host.state(), "client_key": keys.client_key}
+def admin_state(host: Host, keys: Keys | KeyRing) -> dict[str, Any]:
+    """What ``_/admin/state`` answers: the state of the app ``default`` and its client key
+    (never a server key).
+    """
+    return {**host.state(), "client_key": KeyRing.of(keys).default.client_key}
 
 
 class _Base(tornado.web.RequestHandler):
-    def initialize(self, host: Host, keys: Keys, public: bool = False) -> None:
+    def initialize(self, host: Host, keys: Keys | KeyRing, public: bool = False) -> None:
         self.host = host
-        self.keys = keys
+        self.keys = KeyRing.of(keys).default
         self.public = public
 
     def write_json(self, status: int, body: Any) -> None:
@@ -44,8 +46,8 @@ def no_endpoint(path: str) -> dict[str, str]:
 class ApiHandler(_Base):
     """``_/api/<path>``: HTTP endpoints. None are served yet, so every path is a 404."""
 
-    def _no_endpoint(self, path: str) -> None:
-        self.write_json(404, no_endpoint(path))
+    def _no_endpoint(self, *args: str) -> None:
+        self.write_json(404, no_endpoint(args[-1]))  # (app name,) path
 
     get = post = put = delete = patch = head = _no_endpoint  # type: ignore[assignment]
 

@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from anvil_nb import protocol
+from anvil_nb.apps import DEFAULT_APP
 from anvil_nb.capability import normalise_scope_key, scope_key, sign_scope, verify_scope
 from anvil_nb.context import TRUSTED_TYPES
 from anvil_nb.errors import (
@@ -74,7 +75,7 @@ from anvil_nb.logs import RateLimiter, clip
 from anvil_nb.registry import Registry
 from anvil_nb.sessions import SessionManager, SessionRecord, SQLiteSessionStore
 
-__all__ = ["MAX_CALL_DEPTH", "Host", "Peer"]
+__all__ = ["MAX_CALL_DEPTH", "AppState", "Host", "Peer"]
 
 log = logging.getLogger("anvil_nb.host")
 
@@ -138,11 +139,28 @@ class Peer(Protocol):
 
 
 @dataclass(eq=False)
+class AppState:
+    """One app on the host (DESIGN.md, "Apps"): its registry, its sessions, and what its peers
+    are told of it. A peer belongs to one app, and calls stay inside it.
+    """
+
+    name: str
+    sessions: SessionManager
+    app_info: dict[str, Any]
+    registry: Registry[_PeerState] = field(default_factory=Registry)
+    #: Trusted anvil_nb peers that asked to be told of every registration change.
+    watchers: set[_PeerState] = field(default_factory=set)
+    #: The app's client key, shown to trusted code (``%anvil status``).
+    client_key: str | None = None
+
+
+@dataclass(eq=False)
 class _PeerState:
     peer: Peer
     trusted: bool
     frame: dict[str, Any]
     session_id: str
+    app: AppState
     #: Requests this peer is serving: host request id -> request.
     served: dict[str, _Request] = field(default_factory=dict)
     #: Calls this peer made that are still in flight: its call id -> request.
@@ -201,8 +219,12 @@ class Host:
         What one connection may cost: frame size, calls in flight, bytes queued for writing
         (see :class:`~anvil_nb.limits.Limits`).
     data_dir : str or Path, optional
-        Keep sessions (``sessions.sqlite3``) and the MAC key (``host-secret``) in this folder, so
+        Keep persistent sessions (``sessions.sqlite3``; another app's in
+        ``apps/<name>/sessions.sqlite3``) and the MAC key (``host-secret``) in this folder, so
         that both survive a restart. Without it, both live in memory.
+
+    The arguments about sessions and ``app_info`` are those of the app ``default``; other apps
+    are made on first use (:meth:`app`).
     """
 
     def __init__(
@@ -217,26 +239,18 @@ class Host:
         limits: Limits = DEFAULT_LIMITS,
     ):
         self.limits = limits
-        if sessions is None:
-            store = SQLiteSessionStore(Path(data_dir) / "sessions.sqlite3") if data_dir else None
-            sessions = SessionManager(store)
-        self.sessions = sessions
+        self._data_dir = Path(data_dir) if data_dir else None
         if secret is None:
             secret = (
                 load_secret(Path(data_dir) / "host-secret") if data_dir else secrets.token_bytes(32)
             )
         self.secret = secret
         self.call_timeout = call_timeout
-        self.app_info = app_info or {
-            "id": "anvil_nb",
-            "branch": "master",
-            "environment": {"description": "Notebook", "tags": []},
-        }
         self.origin = origin
-        #: The client key of the placement, shown to trusted code (``%anvil status``).
-        self.client_key: str | None = None
         self.events = EventBus()
-        self.registry: Registry[_PeerState] = Registry()
+        #: The apps of this host, by name; ``default`` always exists.
+        self.apps: dict[str, AppState] = {}
+        self.apps[DEFAULT_APP] = self._new_app(DEFAULT_APP, sessions, app_info)
         self._peers: dict[Peer, _PeerState] = {}
         self._ids = itertools.count(1)
         self._peer_ids = itertools.count(1)
@@ -260,12 +274,65 @@ class Host:
             "anvil.private.host_state": self._host_state,
             "anvil.private.watch_registry": self._watch_registry,
         }
-        self._watchers: set[_PeerState] = set()
+
+    # -----------------------------------------------------------------------------------------
+    # Apps
+
+    def app(self, name: str = DEFAULT_APP) -> AppState:
+        """The app *name*, made on first use (its persistent sessions in the data dir)."""
+        found = self.apps.get(name)
+        if found is None:
+            found = self.apps[name] = self._new_app(name)
+        return found
+
+    def _new_app(
+        self,
+        name: str,
+        sessions: SessionManager | None = None,
+        app_info: dict[str, Any] | None = None,
+    ) -> AppState:
+        if sessions is None:
+            store = None
+            if self._data_dir is not None:
+                folder = self._data_dir if name == DEFAULT_APP else self._data_dir / "apps" / name
+                store = SQLiteSessionStore(folder / "sessions.sqlite3")
+            sessions = SessionManager(store)
+        info = app_info or {
+            "id": "anvil_nb" if name == DEFAULT_APP else name,
+            "branch": "master",
+            "environment": {"description": "Notebook", "tags": []},
+        }
+        return AppState(name, sessions, info)
+
+    # The app ``default``'s parts, as a host of one app has them.
+    @property
+    def sessions(self) -> SessionManager:
+        """The sessions of the app ``default``."""
+        return self.apps[DEFAULT_APP].sessions
+
+    @property
+    def registry(self) -> Registry[_PeerState]:
+        """The registry of the app ``default``."""
+        return self.apps[DEFAULT_APP].registry
+
+    @property
+    def app_info(self) -> dict[str, Any]:
+        """What peers of the app ``default`` are told of it (``anvil.app`` on real clients)."""
+        return self.apps[DEFAULT_APP].app_info
+
+    @property
+    def client_key(self) -> str | None:
+        """The client key of the app ``default`` (shown to trusted code)."""
+        return self.apps[DEFAULT_APP].client_key
+
+    @client_key.setter
+    def client_key(self, key: str | None) -> None:
+        self.apps[DEFAULT_APP].client_key = key
 
     # -----------------------------------------------------------------------------------------
     # Peers
 
-    def attach(self, peer: Peer, greet: bool = True) -> None:
+    def attach(self, peer: Peer, greet: bool = True, app: str = DEFAULT_APP) -> None:
         """Start serving a connection whose handshake succeeded; it gets its own session.
 
         With *greet*, the peer is sent the ``auth`` message of the uplink protocol (browsers,
@@ -273,12 +340,13 @@ class Host:
         """
         trusted = peer.kind in TRUSTED_TYPES
         peer.name = f"{peer.kind}-{next(self._peer_ids)}"
-        record = self.sessions.new(client=dict(peer.client))
+        state = self.app(app)
+        record = state.sessions.new(client=dict(peer.client))
         frame = {"type": peer.kind, "protocol-version": protocol.PROTOCOL_VERSION}
-        ps = _PeerState(peer, trusted, frame, record.id)
+        ps = _PeerState(peer, trusted, frame, record.id, state)
         self._peers[peer] = ps
         if greet:
-            self._send(ps, protocol.auth(peer.kind if trusted else "client", self.app_info))
+            self._send(ps, protocol.auth(peer.kind if trusted else "client", state.app_info))
         log.info("%s connected as %s", peer.name, peer.kind)
 
     def detach(self, peer: Peer) -> None:
@@ -286,8 +354,8 @@ class Host:
         ps = self._peers.pop(peer, None)
         if ps is None:
             return
-        self._watchers.discard(ps)
-        for name in self.registry.remove_provider(ps):
+        ps.app.watchers.discard(ps)
+        for name in ps.app.registry.remove_provider(ps):
             self._emit_registration(name, ps, added=False)
         for req in list(ps.served.values()):
             self._release(
@@ -299,16 +367,20 @@ class Host:
         for req in list(ps.calls.values()):  # calls it made: their late answers are dropped
             req.caller = None
             self._release(req, late=True)
-        self.sessions.drop(ps.session_id)
+        ps.app.sessions.drop(ps.session_id)
         log.info("%s disconnected", peer.name)
 
-    def state(self) -> dict[str, Any]:
-        """A snapshot for ``_/admin/state`` and ``%anvil status``: names, providers and peers."""
+    def state(self, app: str = DEFAULT_APP) -> dict[str, Any]:
+        """A snapshot of one app for ``_/admin/state`` and ``%anvil status``: its names, their
+        providers and its peers.
+        """
+        state = self.app(app)
         return {
+            "app": state.name,
             "origin": self.origin,
             "registrations": {
                 name: [ps.peer.name for ps in providers]
-                for name, providers in self.registry.names().items()
+                for name, providers in state.registry.names().items()
             },
             "peers": [
                 {
@@ -318,12 +390,13 @@ class Host:
                     "calls_in_flight": len(ps.calls),
                 }
                 for p, ps in self._peers.items()
+                if ps.app is state
             ],
         }
 
     def housekeeping(self) -> list[str]:
         """Remove expired sessions and persist idle clocks; call it every minute or so."""
-        gone = self.sessions.purge()
+        gone = [sid for state in list(self.apps.values()) for sid in state.sessions.purge()]
         for session_id in gone:
             self._emit_session(session_id, "expired")
         return gone
@@ -336,7 +409,8 @@ class Host:
         for peer in list(self._peers):
             peer.close("host shutting down")
             self.detach(peer)
-        self.sessions.close()
+        for state in self.apps.values():
+            state.sessions.close()
 
     @property
     def peers(self) -> list[Peer]:
@@ -365,7 +439,7 @@ class Host:
             self._on_register(ps, msg)
         elif kind == "UNREGISTER":
             name = msg.get("name")
-            if isinstance(name, str) and self.registry.remove(name, ps):
+            if isinstance(name, str) and ps.app.registry.remove(name, ps):
                 self._emit_registration(name, ps, added=False)
         else:
             raise ProtocolError(f"unexpected message of kind {clip(kind)} from {peer.name}")
@@ -378,7 +452,7 @@ class Host:
         try:
             if not isinstance(name, str):
                 raise ValueError("the name must be a string")  # noqa: TRY004 - reported as a bad name  # noqa: TRY301
-            added = self.registry.add(name, ps)
+            added = ps.app.registry.add(name, ps)
         except ValueError as exc:
             self._quiet.warning(
                 log, "bad-register", "%s: bad REGISTER %s: %s", ps.peer.name, clip(name),
@@ -462,7 +536,7 @@ class Host:
         adopts = parent is not None and ps.trusted and isinstance(msg.get("sessionData"), dict)
         if adopts:
             self._adopt_session(parent, record, msg["sessionData"])  # type: ignore[arg-type]
-        provider = self.registry.pick(command)
+        provider = ps.app.registry.pick(command)
         if provider is None:
             raise NoServerFunctionError(
                 f'No server function matching "{clip(command)}" has been registered'
@@ -484,7 +558,7 @@ class Host:
             client=client,
             session_data=record.data if record.data is not None else {},
             session_id=record.id,
-            app_info=self.app_info,
+            app_info=ps.app.app_info,
         )
         data = self._encode(out, f"call to {clip(command)!r}")  # fails this call alone, nothing held
         req = _Request(
@@ -573,7 +647,7 @@ class Host:
         """A trusted caller serving *parent* sent its (maybe changed) copy of the session."""
         blob = self._session_blob(blob)
         if blob != record.data and record.version == parent.session_version:
-            self.sessions.save_data(record, blob)
+            parent.provider.app.sessions.save_data(record, blob)
             parent.session_version = record.version
 
     @staticmethod
@@ -586,9 +660,9 @@ class Host:
         self, ps: _PeerState, session_id: str, parent: _Request | None
     ) -> SessionRecord:
         try:
-            return self.sessions.use(session_id)
+            return ps.app.sessions.use(session_id)
         except SessionExpiredError:
-            fresh = self.sessions.new(client=dict(ps.peer.client))
+            fresh = ps.app.sessions.new(client=dict(ps.peer.client))
             if parent is not None:
                 parent.session_id = fresh.id
             if ps.session_id == session_id:
@@ -641,7 +715,7 @@ class Host:
         """What the caller of *req* is sent for the provider's answer *msg*."""
         if "error" in msg:
             return protocol.error_message(req.caller_call_id, protocol.wire_error(msg["error"]))
-        record = self.sessions.get(req.session_id)
+        record = req.provider.app.sessions.get(req.session_id)
         data = msg.get("sessionData")
         if isinstance(data, dict) and record is not None:
             self._store_session(req, record, self._session_blob(data))
@@ -669,7 +743,7 @@ class Host:
         if data == record.data:
             return
         if record.version == req.session_version:
-            self.sessions.save_data(record, data)
+            req.provider.app.sessions.save_data(record, data)
             if self.events.active:
                 self._emit_session(record.id, "saved")
         else:
@@ -799,9 +873,12 @@ class Host:
     def _reset_session(self, ps: _PeerState, msg: dict[str, Any], rec: SessionRecord | None) -> str:
         if rec is None:
             raise InternalError("There is no session to reset")
-        fresh = self.sessions.new(client=rec.client, persistent=rec.persistent)
+        sessions = ps.app.sessions
+        fresh = sessions.new(client=rec.client, persistent=rec.persistent)
         parent = _parent(ps, msg)
         for state in self._peers.values():
+            if state.app is not ps.app:
+                continue
             if state.session_id == rec.id:
                 state.session_id = fresh.id
             for req in state.served.values():
@@ -811,7 +888,7 @@ class Host:
         if parent is not None:
             parent.session_id = fresh.id
             parent.session_version = fresh.version  # the call that reset it continues in it
-        self.sessions.drop(rec.id)
+        sessions.drop(rec.id)
         self._emit_session(rec.id, "reset", fresh.id)
         return fresh.id
 
@@ -821,13 +898,13 @@ class Host:
         """Push every registration change to this (trusted, anvil_nb) peer from now on."""
         if not ps.trusted:
             raise PermissionDenied("Only trusted code may watch the registry")
-        self._watchers.add(ps)
-        return {**self.state(), "you": ps.peer.name}
+        ps.app.watchers.add(ps)
+        return {**self.state(ps.app.name), "you": ps.peer.name}
 
     def _host_state(self, ps: _PeerState, _msg: dict[str, Any], _rec: SessionRecord | None) -> Any:
         if not ps.trusted:
             raise PermissionDenied("Only trusted code may read the host's state")
-        return {**self.state(), "client_key": self.client_key}
+        return {**self.state(ps.app.name), "client_key": ps.app.client_key}
 
     def _capability_is_valid(
         self, ps: _PeerState, msg: dict[str, Any], _rec: SessionRecord | None
@@ -837,8 +914,9 @@ class Host:
         if len(args) != 2 or type(args[0]) is not list:
             return False
         parent = _parent(ps, msg)
-        rec = self.sessions.get(parent.session_id if parent is not None else ps.session_id)
-        if rec is None or self.sessions.is_expired(rec):
+        sessions = ps.app.sessions
+        rec = sessions.get(parent.session_id if parent is not None else ps.session_id)
+        if rec is None or sessions.is_expired(rec):
             return False
         return verify_scope(self.secret, rec.secret, args[0], args[1])
 
@@ -846,9 +924,9 @@ class Host:
     # Events
 
     def _emit_registration(self, name: str, ps: _PeerState, added: bool) -> None:
-        if self._watchers:
+        if ps.app.watchers:
             event = {"kind": "registration", "name": name, "provider": ps.peer.name, "added": added}
-            for watcher in list(self._watchers):
+            for watcher in list(ps.app.watchers):
                 if watcher is not ps or not added:
                     self._send(watcher, protocol.event(event))
         if self.events.active:

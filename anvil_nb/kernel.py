@@ -156,7 +156,7 @@ def _join_remote(url: str, key: str) -> Joined:
 
 
 def _join_embedded() -> Joined:
-    from anvil_nb.transports.uplink_ws import Keys  # noqa: PLC0415 - loads tornado
+    from anvil_nb.apps import Keys  # noqa: PLC0415
 
     ht = _runtime.embedded_host()
     keys = Keys.generate()

@@ -145,11 +145,15 @@ def close_reason(text: str) -> str:
 # Message shapes: every message anvil_nb sends is built here.
 
 
-def hello(key: str, kind: str | None = None) -> dict[str, Any]:
-    """The first message of an uplink: its key (and anvil_nb's ``kind`` extension)."""
+def hello(key: str, kind: str | None = None, app: str | None = None) -> dict[str, Any]:
+    """The first message of an uplink: its key, and anvil_nb's extensions: ``kind`` (a kernel
+    joins as ``server_module``) and ``app`` (the app that the host's own server key joins).
+    """
     msg: dict[str, Any] = {"key": key, "v": PROTOCOL_VERSION}
     if kind is not None:
         msg["kind"] = kind
+    if app is not None:
+        msg["app"] = app
     return msg
 
 

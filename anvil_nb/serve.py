@@ -1,4 +1,10 @@
-"""``anvil-nb serve``: the standalone host.
+"""``anvil-nb serve`` and ``anvil-nb keys``: the standalone host, and the keys of its apps.
+
+``anvil-nb serve`` serves every app whose keys are kept in the data dir (DESIGN.md, "Apps"):
+the uplink key a script connects with selects its app, so two apps may both define ``greet``.
+``--server-key`` and ``--client-key`` set the keys of ``default``. ``anvil-nb keys [APP]``
+prints an app's keys, making the app (and its keys, kept in ``DATA_DIR/apps/APP/keys.json``)
+if it is new; a running host knows it from its next connection on.
 
 Listens on ``--host``/``--port`` (127.0.0.1 and 3030 by default; ``--port 0`` picks a free
 port), serves the uplink WebSocket at ``/_/uplink``, and keeps sessions and the MAC key in the
@@ -26,7 +32,6 @@ import contextlib
 import ctypes
 import json
 import logging
-import os
 import platform
 import signal
 import sys
@@ -39,10 +44,10 @@ import tornado.ioloop
 import tornado.netutil
 
 from anvil_nb.app import make_app
+from anvil_nb.apps import DEFAULT_APP, KeyRing, app_name
 from anvil_nb.host import Host
 from anvil_nb.limits import DEFAULT_LIMITS, Limits
 from anvil_nb.transports.listener import HTTPServer
-from anvil_nb.transports.uplink_ws import Keys
 
 __all__ = ["main", "serve"]
 
@@ -54,29 +59,6 @@ DEFAULT_PORT = 3030
 def default_data_dir() -> Path:
     """The platform's user data folder for anvil_nb."""
     return Path(platformdirs.user_data_dir("anvil_nb", appauthor=False))
-
-
-def load_keys(data_dir: Path, server_key: str | None, client_key: str | None) -> tuple[Keys, bool]:
-    """The keys to use, and whether any was generated now."""
-    path = data_dir / "keys.json"
-    stored: dict[str, str] = {}
-    if path.exists():
-        stored = json.loads(path.read_text())
-    generated = Keys.generate()
-    keys = Keys(
-        server_key or stored.get("server_key") or generated.server_key,
-        client_key or stored.get("client_key") or generated.client_key,
-    )
-    if keys.server_key == keys.client_key:
-        raise SystemExit("anvil-nb serve: the server key and the client key must differ")
-    new = {"server_key": keys.server_key, "client_key": keys.client_key} != stored
-    if new and not (server_key and client_key):
-        data_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump({"server_key": keys.server_key, "client_key": keys.client_key}, f)
-    made = keys.server_key == generated.server_key or keys.client_key == generated.client_key
-    return keys, made
 
 
 #: glibc's ``mallopt`` parameter for the size from which allocations get their own mapping.
@@ -107,8 +89,13 @@ def limits_from(args: argparse.Namespace) -> Limits:
 async def serve(args: argparse.Namespace) -> int:
     """Run the host until SIGINT or SIGTERM."""
     data_dir = Path(args.data_dir) if args.data_dir else default_data_dir()
-    keys, generated = load_keys(data_dir, args.server_key, args.client_key)
-    if generated:
+    try:
+        keyring = KeyRing(data_dir, args.server_key, args.client_key)
+    except ValueError as exc:
+        print(f"anvil-nb serve: {exc}", file=sys.stderr)
+        return 2
+    keys = keyring.default
+    if keyring.generated_default:
         print(
             f"server key: {keys.server_key}\nclient key: {keys.client_key}",
             file=sys.stderr,
@@ -118,7 +105,7 @@ async def serve(args: argparse.Namespace) -> int:
     _return_large_buffers_to_the_os()
     host = Host(data_dir=data_dir, call_timeout=args.call_timeout, limits=limits)
     host.client_key = keys.client_key
-    app = make_app(host, keys, "/")
+    app = make_app(host, keyring, "/")
     sockets = tornado.netutil.bind_sockets(args.port, args.host)
     server = HTTPServer(app, limits=limits, max_body_size=limits.max_frame_bytes)
     server.add_sockets(sockets)
@@ -203,6 +190,24 @@ _BOUND_FLAGS = (
 )
 
 
+def print_keys(args: argparse.Namespace) -> int:
+    """``anvil-nb keys``: an app's keys, and where they are kept."""
+    data_dir = Path(args.data_dir) if args.data_dir else default_data_dir()
+    try:
+        name = app_name(args.app)
+        keyring = KeyRing(data_dir)
+    except ValueError as exc:
+        print(f"anvil-nb keys: {exc}", file=sys.stderr)
+        return 2
+    keys = keyring.keys(name)
+    if args.json:
+        print(json.dumps({"app": name, "server_key": keys.server_key, "client_key": keys.client_key}))
+    else:
+        print(f"app: {name}\nserver key: {keys.server_key}\nclient key: {keys.client_key}")
+        print(f"(kept in {keyring.path(name)})", file=sys.stderr)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """The ``anvil-nb`` command line."""
     parser = argparse.ArgumentParser(
@@ -240,7 +245,17 @@ def main(argv: list[str] | None = None) -> int:
             help=f"{text} (default {default:{',' if isinstance(default, int) else 'g'}})",
         )
     s.add_argument("--log-level", default="WARNING", help="logging level (default WARNING)")
+    k = commands.add_parser(
+        "keys", help="print an app's uplink keys (making the app, and its keys, if it is new)"
+    )
+    k.add_argument("app", nargs="?", default=DEFAULT_APP, help=f"the app (default {DEFAULT_APP})")
+    k.add_argument(
+        "--data-dir", help=f"where apps and their keys are kept (default {default_data_dir()})"
+    )
+    k.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
+    if args.command == "keys":
+        return print_keys(args)
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s"
     )

@@ -43,10 +43,11 @@ from tornado import web
 from traitlets import Bool, Dict, TraitError, Unicode, default, validate
 
 from anvil_nb.app import Handlers, routes
+from anvil_nb.apps import KeyRing
 from anvil_nb.handlers import admin_state, no_endpoint
 from anvil_nb.host import Host
 from anvil_nb.limits import DEFAULT_LIMITS, Limits
-from anvil_nb.serve import default_data_dir, load_keys
+from anvil_nb.serve import default_data_dir
 from anvil_nb.transports.uplink_ws import BrowserHandler, UplinkHandler
 
 __all__ = ["AnvilNB"]
@@ -92,10 +93,10 @@ class JupyterApiHandler(APIHandler):
             super().check_xsrf_cookie()
 
     @allow_unauthenticated
-    def _endpoint(self, path: str) -> None:
+    def _endpoint(self, *args: str) -> None:
         _require_user(self)
         self.set_status(404)
-        self.finish(no_endpoint(path))
+        self.finish(no_endpoint(args[-1]))  # (app name,) path
 
     get = post = put = delete = patch = head = _endpoint  # type: ignore[assignment]
 
@@ -177,11 +178,11 @@ class AnvilNB(ExtensionApp):
     def initialize_settings(self) -> None:
         """Create the host (on the server's loop) and load the keys."""
         data_dir = Path(self.data_dir)
-        self.keys, generated = load_keys(data_dir, self.server_key or None, self.client_key or None)
-        if generated:
+        self.keys = KeyRing(data_dir, self.server_key or None, self.client_key or None)
+        if self.keys.generated_default:
             self.log.info("anvil_nb: generated uplink keys, kept in %s", data_dir / "keys.json")
         self.host = Host(data_dir=data_dir, limits=self.host_limits())
-        self.host.client_key = self.keys.client_key
+        self.host.client_key = self.keys.default.client_key
         self.settings["anvil_nb_host"] = self.host
 
     def initialize_handlers(self) -> None:
@@ -208,7 +209,7 @@ class AnvilNB(ExtensionApp):
         http_url = self.uplink_url().replace("ws", "http", 1)
         self.host.origin = http_url.removesuffix("/_/uplink")
         os.environ["ANVIL_NB_URL"] = self.uplink_url()
-        os.environ["ANVIL_NB_SERVER_KEY"] = self.keys.server_key
+        os.environ["ANVIL_NB_SERVER_KEY"] = self.keys.default.server_key
         self.log.info("anvil_nb: host ready; uplinks connect to %s", self.uplink_url())
 
     async def stop_extension(self) -> None:

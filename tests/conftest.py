@@ -3,6 +3,8 @@
 ``host`` gives a real host on its own loop thread; ``connect(kind)`` joins it as a peer of that
 caller type (a trusted ``server_module`` by default, or ``client_uplink``/``browser`` to play an
 untrusted client) with its own function registry, and closes everything at the end.
+``serve_proc(*flags, **env)`` starts a real ``anvil-nb serve`` subprocess and ``raw_ws(url)`` a
+raw WebSocket peer (both in ``support.py``), stopped at the end of the test.
 """
 
 from __future__ import annotations
@@ -12,11 +14,12 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import settings
 from hypothesis.configuration import set_hypothesis_home_dir
-from support import install_anvil_uplink
+from support import RawWS, ServeProc, install_anvil_uplink
 
 from anvil_nb import _runtime, portable
 from anvil_nb.client import Client, FunctionRegistry, functions
@@ -78,3 +81,33 @@ def connect(host_thread: HostThread) -> Iterator[Connect]:
     yield make
     for client in clients:
         client.close()
+
+
+@pytest.fixture
+def serve_proc(tmp_path: Path) -> Iterator[Callable[..., ServeProc]]:
+    """``serve_proc(*flags, **env) -> ServeProc``; every host started is stopped at the end."""
+    started: list[ServeProc] = []
+
+    def start(*flags: str, **env: str) -> ServeProc:
+        proc = ServeProc(tmp_path / f"serve-{len(started)}", flags, **env)
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        proc.stop()
+
+
+@pytest.fixture
+def raw_ws() -> Iterator[Callable[..., RawWS]]:
+    """``raw_ws(url) -> RawWS``, closed at the end of the test."""
+    opened: list[RawWS] = []
+
+    def make(url: str, **kw: Any) -> RawWS:
+        ws = RawWS(url, **kw)
+        opened.append(ws)
+        return ws
+
+    yield make
+    for ws in opened:
+        ws.close()

@@ -21,19 +21,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import hmac
 import logging
 import secrets
 import traceback
 import weakref
 from collections.abc import Awaitable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
+import tornado.web
 import tornado.websocket
 from tornado.ioloop import IOLoop
 
 from anvil_nb import protocol
+from anvil_nb.apps import DEFAULT_APP, KeyRing, Keys, app_name
 from anvil_nb.errors import ProtocolError
 from anvil_nb.host import Host
 from anvil_nb.logs import RateLimiter, clip
@@ -63,32 +63,6 @@ def _quiet(host: Host) -> RateLimiter:
 def _retrieve(future: asyncio.Future[Any]) -> None:
     """Retrieve *future*'s exception once it is done (a write to a closed connection)."""
     future.add_done_callback(lambda f: f.cancelled() or f.exception())
-
-
-@dataclass(frozen=True)
-class Keys:
-    """The uplink keys of a host: the server key admits trusted uplinks, the client key
-    untrusted ones.
-    """
-
-    server_key: str
-    client_key: str
-
-    @classmethod
-    def generate(cls) -> Keys:
-        """A fresh pair of random keys."""
-        return cls("server_" + secrets.token_urlsafe(18), "client_" + secrets.token_urlsafe(18))
-
-    def kind_of(self, key: Any) -> str | None:
-        """``"uplink"`` for the server key, ``"client_uplink"`` for the client key, else ``None``."""
-        if not isinstance(key, str):
-            return None
-        given = key.encode("utf-8", "replace")
-        if hmac.compare_digest(given, self.server_key.encode()):
-            return "uplink"
-        if hmac.compare_digest(given, self.client_key.encode()):
-            return "client_uplink"
-        return None
 
 
 class WebSocketPeer:
@@ -207,9 +181,11 @@ class UplinkHandler(tornado.websocket.WebSocketHandler):
     * ``max_queued_bytes``: see :class:`WebSocketPeer`.
     """
 
-    def initialize(self, host: Host, keys: Keys, public: bool = False) -> None:  # noqa: D102
+    def initialize(self, host: Host, keys: Keys | KeyRing, public: bool = False) -> None:  # noqa: D102
         self.host = host
-        self.keys = keys
+        #: The keys of every app of the host; the key a peer says hello with selects its app.
+        self.keyring = KeyRing.of(keys)
+        self.keys = self.keyring.default
         self.public = public
         self.peer: WebSocketPeer | None = None
         self.assembler = protocol.MediaAssembler()
@@ -317,15 +293,25 @@ class UplinkHandler(tornado.websocket.WebSocketHandler):
         if not isinstance(version, int) or version < protocol.MIN_PROTOCOL_VERSION:
             self.fatal(protocol.OUTDATED_CLIENT, key="handshake")
             return
-        kind = self.keys.kind_of(msg.get("key"))
-        if kind is None:
+        found = self.keyring.identify(msg.get("key"))
+        if found is None:
             self.fatal(protocol.BAD_KEY, key="handshake")
             return
-        # anvil_nb's kernels join as server modules; only the server key may ask for it.
+        app, kind = found
+        # anvil_nb's kernels join as server modules; only a server key may ask for it. The
+        # host's own server key (default's) may join any app by name, made on first use.
         if kind == "uplink" and msg.get("kind") == "server_module":
             kind = "server_module"
+        wanted = msg.get("app")
+        if wanted is not None and kind != "client_uplink" and app == DEFAULT_APP:
+            try:
+                app = app_name(wanted) if isinstance(wanted, str) else app_name("")
+            except ValueError as exc:
+                self.fatal(f"Invalid app name: {exc}", key="handshake")
+                return
+            self.keyring.keys(app)  # the app exists from now on, with keys of its own
         self.peer = WebSocketPeer(self, kind, self.request.remote_ip)
-        self.host.attach(self.peer)
+        self.host.attach(self.peer, app=app)
 
     def _handshake_expired(self) -> None:
         if self.peer is not None or self._closed:
@@ -455,7 +441,14 @@ class BrowserHandler(UplinkHandler):
     public; inside Jupyter it needs Jupyter's auth unless ``AnvilNB.public`` is set.
     """
 
+    def prepare(self) -> Awaitable[None] | None:
+        """A 404 before the upgrade for an app route naming an app the host does not have."""
+        app = self.path_args[0] if self.path_args else DEFAULT_APP
+        if app not in self.keyring.names():
+            raise tornado.web.HTTPError(404, f"no app named {app!r}")
+        return super().prepare()  # Jupyter's handlers authenticate here
+
     def open(self, *args: Any, **kwargs: Any) -> None:  # noqa: D102, ARG002
         self.peer = WebSocketPeer(self, "browser", self.request.remote_ip)  # no hello to wait for
         super().open()
-        self.host.attach(self.peer, greet=False)
+        self.host.attach(self.peer, greet=False, app=args[0] if args else DEFAULT_APP)

@@ -68,6 +68,8 @@ class WebSocketTransport(Transport):
         The server key (a trusted uplink) or the client key (an untrusted one).
     kind : str, optional
         ``"server_module"`` to join as a kernel would (server key only).
+    app : str, optional
+        The app to join with the host's own server key (a kernel joins its notebook's app).
     reconnect : bool
         Reconnect after the connection drops (unless the host refused the key).
     extra_headers : dict, optional
@@ -84,6 +86,7 @@ class WebSocketTransport(Transport):
         key: str,
         *,
         kind: str | None = None,
+        app: str | None = None,
         reconnect: bool = True,
         extra_headers: Mapping[str, str] | None = None,
         connect_timeout: float = 20.0,
@@ -94,7 +97,7 @@ class WebSocketTransport(Transport):
         self.max_queued_bytes = max_queued_bytes
         self._queued = 0
         self._drained = threading.Condition()
-        self._hello = protocol.hello(key, kind)
+        self._hello = protocol.hello(key, kind, app)
         self.reconnect = reconnect
         self.extra_headers = dict(extra_headers or {})
         self.connect_timeout = connect_timeout
@@ -164,8 +167,14 @@ class WebSocketTransport(Transport):
             if threading.current_thread() is not self._thread:
                 while self._queued > self.max_queued_bytes and self._ws is not None:
                     self._drained.wait(1.0)  # woken as writes complete or the connection ends
+            if self._ws is None or self._closing:  # it ended while we waited
+                raise ConnectionError(f"not connected to {self.url}")
             self._queued += size
-        self._loop.call_soon_threadsafe(self._write, data, msg.get("id"), media, size)
+        try:
+            self._loop.call_soon_threadsafe(self._write, data, msg.get("id"), media, size)
+        except RuntimeError:  # the loop was closed meanwhile: the transport is closed
+            self._written(size)
+            raise ConnectionError(f"not connected to {self.url}") from None
 
     def close(self) -> None:
         """Close for good: no reconnection; ``on_close`` is called once if a connection was up."""

@@ -1,0 +1,186 @@
+"""Apps and their keys: one host serves many apps, and the uplink key selects the app.
+
+An *app* is what Anvil calls an app: a name, its own server key and client key, and (on the
+host) its own registry and sessions. The app ``default`` always exists. A :class:`KeyRing`
+holds the keys of every app of a host and says which app and kind a key admits. With a data
+dir it keeps them there, readable by the owner only:
+
+* ``default``: ``DATA_DIR/keys.json`` (where anvil_nb has always kept the host's keys);
+* any other app: ``DATA_DIR/apps/<name>/keys.json``, created on first use.
+
+Without a data dir (the embedded host) keys live in memory. No I/O beyond those files.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import os
+import re
+import secrets
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = ["DEFAULT_APP", "KeyRing", "Keys", "app_name"]
+
+#: The app that always exists; a kernel without a notebook, and every script that uses the
+#: host's own keys, joins it.
+DEFAULT_APP = "default"
+
+_NOT_NAME = re.compile(r"[^a-z0-9]+")
+
+
+def app_name(text: str) -> str:
+    """*text* as an app name: lower case, runs of other characters as one ``-`` (at most 64).
+
+    ``"Tutorials/01 Getting started.ipynb"`` becomes ``"tutorials-01-getting-started"``.
+
+    Raises
+    ------
+    ValueError
+        Nothing is left of *text* to name an app with.
+    """
+    stem = text[: -len(".ipynb")] if text.lower().endswith(".ipynb") else text
+    name = _NOT_NAME.sub("-", stem.lower()).strip("-")[:64].strip("-")
+    if not name:
+        raise ValueError(f"{text!r} does not name an app (letters or digits are needed)")
+    return name
+
+
+@dataclass(frozen=True)
+class Keys:
+    """The uplink keys of one app: the server key admits trusted uplinks, the client key
+    untrusted ones.
+    """
+
+    server_key: str
+    client_key: str
+
+    @classmethod
+    def generate(cls) -> Keys:
+        """A fresh pair of random keys."""
+        return cls("server_" + secrets.token_urlsafe(18), "client_" + secrets.token_urlsafe(18))
+
+    def kind_of(self, key: Any) -> str | None:
+        """``"uplink"`` for the server key, ``"client_uplink"`` for the client key, else ``None``."""
+        if not isinstance(key, str):
+            return None
+        given = key.encode("utf-8", "replace")
+        if hmac.compare_digest(given, self.server_key.encode()):
+            return "uplink"
+        if hmac.compare_digest(given, self.client_key.encode()):
+            return "client_uplink"
+        return None
+
+
+class KeyRing:
+    """The keys of every app a host serves.
+
+    Parameters
+    ----------
+    data_dir : Path, optional
+        Where keys are kept (see the module docstring); ``None`` keeps them in memory.
+    server_key, client_key : str, optional
+        The keys of ``default`` as configured. A key not given is the stored one, or a new one;
+        the pair is stored unless both were given.
+
+    Raises
+    ------
+    ValueError
+        The server key and the client key of ``default`` are the same, or a keys file is
+        malformed.
+    """
+
+    def __init__(
+        self,
+        data_dir: str | Path | None = None,
+        server_key: str | None = None,
+        client_key: str | None = None,
+    ):
+        self.data_dir = Path(data_dir) if data_dir is not None else None
+        self._keys: dict[str, Keys] = {}
+        self._lock = threading.Lock()
+        stored = self._load(DEFAULT_APP)
+        fresh = Keys.generate()
+        default = Keys(
+            server_key or (stored.server_key if stored else fresh.server_key),
+            client_key or (stored.client_key if stored else fresh.client_key),
+        )
+        if default.server_key == default.client_key:
+            raise ValueError("the server key and the client key must differ")
+        if default != stored and not (server_key and client_key):
+            self._store(DEFAULT_APP, default)
+        self._keys[DEFAULT_APP] = default
+        #: Whether a key of ``default`` was generated now (so that it can be shown once).
+        self.generated_default = (
+            default.server_key == fresh.server_key or default.client_key == fresh.client_key
+        )
+
+    @classmethod
+    def of(cls, keys: Keys | KeyRing) -> KeyRing:
+        """*keys* as a key ring (a pair of keys becomes the keys of ``default``, in memory)."""
+        if isinstance(keys, KeyRing):
+            return keys
+        return cls(None, keys.server_key, keys.client_key)
+
+    @property
+    def default(self) -> Keys:
+        """The keys of ``default``."""
+        return self._keys[DEFAULT_APP]
+
+    def keys(self, app: str) -> Keys:
+        """The keys of *app* (a name as :func:`app_name` makes), created and kept on first use."""
+        with self._lock:
+            found = self._keys.get(app)
+            if found is None:
+                found = self._load(app)
+                if found is None:
+                    found = Keys.generate()
+                    self._store(app, found)
+                self._keys[app] = found
+            return found
+
+    def names(self) -> list[str]:
+        """Every app with keys: those seen by this key ring and those kept in the data dir."""
+        names = set(self._keys)
+        if self.data_dir is not None and (self.data_dir / "apps").is_dir():
+            names.update(p.parent.name for p in (self.data_dir / "apps").glob("*/keys.json"))
+        return sorted(names, key=lambda n: (n != DEFAULT_APP, n))
+
+    def identify(self, key: Any) -> tuple[str, str] | None:
+        """``(app, kind)`` for a key of any app (kind ``uplink`` or ``client_uplink``), else None."""
+        for name in self.names():
+            kind = self.keys(name).kind_of(key)
+            if kind is not None:
+                return name, kind
+        return None
+
+    # -- storage -------------------------------------------------------------------------------
+    def path(self, app: str) -> Path | None:
+        """The file *app*'s keys are kept in (``None`` in memory)."""
+        if self.data_dir is None:
+            return None
+        if app == DEFAULT_APP:
+            return self.data_dir / "keys.json"
+        return self.data_dir / "apps" / app / "keys.json"
+
+    def _load(self, app: str) -> Keys | None:
+        path = self.path(app)
+        if path is None or not path.exists():
+            return None
+        stored = json.loads(path.read_text())
+        try:
+            return Keys(str(stored["server_key"]), str(stored["client_key"]))
+        except (KeyError, TypeError):
+            raise ValueError(f"{path} does not hold a server_key and a client_key") from None
+
+    def _store(self, app: str, keys: Keys) -> None:
+        path = self.path(app)
+        if path is None:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump({"server_key": keys.server_key, "client_key": keys.client_key}, f)

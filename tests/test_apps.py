@@ -1,0 +1,208 @@
+"""Apps: one host, many apps, and the uplink key selects the app (DESIGN.md, "Apps").
+
+Unit tests of app names and the key ring, then a real ``anvil-nb serve`` with two apps made by
+``anvil-nb keys``: each has an anvil_nb provider of ``greet``, and the unmodified
+``anvil-uplink`` client with each app's client key gets that app's answer. A kernel-style
+connection (the host's own server key asking for an app by name) joins the app it names.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from support import RawWS, ServeProc, stop_process, tail
+
+from anvil_nb.apps import DEFAULT_APP, KeyRing, Keys, app_name
+from anvil_nb.client import Client, FunctionRegistry
+from anvil_nb.transports.websocket import WebSocketTransport
+
+WAIT = 30.0
+
+
+@pytest.mark.parametrize(
+    ("text", "name"),
+    [
+        ("default", "default"),
+        ("Tutorials/01 Getting started.ipynb", "tutorials-01-getting-started"),
+        ("  Ünïcode & spaces!! ", "n-code-spaces"),
+        ("x" * 100, "x" * 64),
+    ],
+)
+def test_app_names_are_slugs(text, name):
+    assert app_name(text) == name
+
+
+@pytest.mark.parametrize("text", ["", "---", ".ipynb", "!!!"])
+def test_a_name_with_nothing_to_name_an_app_with_is_refused(text):
+    with pytest.raises(ValueError, match="does not name an app"):
+        app_name(text)
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_the_key_ring_keeps_each_apps_keys_readable_by_the_owner_only(tmp_path):
+    ring = KeyRing(tmp_path)
+    assert ring.generated_default
+    default = ring.default
+    assert mode(tmp_path / "keys.json") == 0o600
+    books = ring.keys("books")
+    assert books != default and books.server_key != books.client_key
+    assert mode(tmp_path / "apps" / "books" / "keys.json") == 0o600
+    assert ring.identify(books.client_key) == ("books", "client_uplink")
+    assert ring.identify(default.server_key) == (DEFAULT_APP, "uplink")
+    assert ring.identify("nope") is None and ring.identify(None) is None
+    again = KeyRing(tmp_path)  # a restart: the same keys, nothing generated
+    assert not again.generated_default
+    assert again.default == default and again.keys("books") == books
+    assert again.names() == [DEFAULT_APP, "books"]
+
+
+def test_configured_keys_of_default_are_used_and_never_written(tmp_path):
+    ring = KeyRing(tmp_path, "server-k", "client-k")
+    assert ring.default == Keys("server-k", "client-k") and not ring.generated_default
+    assert not (tmp_path / "keys.json").exists()
+    with pytest.raises(ValueError, match="must differ"):
+        KeyRing(tmp_path, "same", "same")
+
+
+def test_a_key_ring_in_memory_writes_nothing(tmp_path):
+    ring = KeyRing.of(Keys("s", "c"))
+    assert ring.keys("other").server_key.startswith("server_")
+    assert ring.path("other") is None
+
+
+def keys_cli(data_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "anvil_nb", "keys", *args, "--data-dir", str(data_dir)],
+        capture_output=True,
+        text=True,
+        timeout=WAIT,
+        check=False,
+    )
+
+
+def test_anvil_nb_keys_prints_an_apps_keys_making_it_once(tmp_path):
+    first = keys_cli(tmp_path, "My Books", "--json")
+    assert first.returncode == 0, first.stderr
+    made = json.loads(first.stdout)
+    assert made["app"] == "my-books" and made["server_key"].startswith("server_")
+    assert json.loads(keys_cli(tmp_path, "my-books", "--json").stdout) == made
+    plain = keys_cli(tmp_path, "my-books")
+    assert plain.stdout.splitlines() == [
+        "app: my-books",
+        f"server key: {made['server_key']}",
+        f"client key: {made['client_key']}",
+    ]
+    assert str(tmp_path / "apps" / "my-books" / "keys.json") in plain.stderr
+    bad = keys_cli(tmp_path, "!!!")
+    assert bad.returncode == 2 and "does not name an app" in bad.stderr
+
+
+REAL_CALLER = textwrap.dedent(
+    """
+    import sys
+    import anvil.server
+    anvil.server.connect(sys.argv[1], url=sys.argv[2], quiet=True)
+    print(anvil.server.call("greet", "Ann"), flush=True)
+    anvil.server.disconnect()
+    """
+)
+
+
+def provider(url: str, key: str, text: str, **hello: Any) -> Client:
+    registry = FunctionRegistry()
+    registry.register("greet", lambda name: f"{text}, {name}")
+    return Client(WebSocketTransport(url, key, **hello), functions=registry).start()
+
+
+def real_call(uplink_dir: Path, tmp_path: Path, key: str, url: str) -> str:
+    script = tmp_path / "real_caller.py"
+    script.write_text(REAL_CALLER)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), key, url],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(uplink_dir)},
+    )
+    try:
+        out, err = proc.communicate(timeout=WAIT)
+    finally:
+        stop_process(proc)
+    assert proc.returncode == 0, err
+    return out.strip()
+
+
+def test_two_apps_on_one_host_each_answer_their_own_callers(serve_proc, anvil_uplink_dir, tmp_path):
+    host: ServeProc = serve_proc()
+    books = json.loads(keys_cli(host.data_dir, "books", "--json").stdout)  # made while it runs
+    films = json.loads(keys_cli(host.data_dir, "films", "--json").stdout)
+    texts = {"books": "Books say hello", "films": "Films say hello", DEFAULT_APP: "Hi"}
+    keys = {"books": books, "films": films, DEFAULT_APP: vars(host)}
+    providers = [provider(host.url, keys[app]["server_key"], text) for app, text in texts.items()]
+    try:
+        for app, text in texts.items():
+            got = real_call(anvil_uplink_dir, tmp_path, keys[app]["client_key"], host.url)
+            assert got == f"{text}, Ann", (app, got, tail(host.log_path))
+    finally:
+        for p in providers:
+            p.close()
+
+
+def test_the_hosts_own_server_key_joins_the_app_a_kernel_names(
+    serve_proc, anvil_uplink_dir, tmp_path
+):
+    host: ServeProc = serve_proc()
+    kernel = provider(
+        host.url,
+        host.server_key,
+        "Notebook says hello",
+        kind="server_module",
+        app="Notes/Intro.ipynb",
+    )
+    try:
+        made = json.loads(keys_cli(host.data_dir, "notes-intro", "--json").stdout)
+        assert real_call(anvil_uplink_dir, tmp_path, made["client_key"], host.url) == (
+            "Notebook says hello, Ann"
+        )
+        caller = Client(WebSocketTransport(host.url, host.client_key), functions=FunctionRegistry())
+        caller.start()
+        try:
+            with pytest.raises(Exception, match="No server function matching"):
+                caller.call("greet", "Ann")  # default has no greet: the kernel is in its own app
+        finally:
+            caller.close()
+    finally:
+        kernel.close()
+
+
+def test_app_routes_name_an_app_that_exists(serve_proc):
+    host: ServeProc = serve_proc()
+    books = json.loads(keys_cli(host.data_dir, "books", "--json").stdout)
+    shelf = provider(host.url, books["server_key"], "Shelf")
+    try:
+        base = host.url.removesuffix("_/uplink")
+        ws = RawWS(base + "app/books/_/ws")
+        try:
+            deadline = time.monotonic() + WAIT
+            ws.send({"type": "CALL", "id": "b1", "command": "greet", "args": ["Bo"], "kwargs": {}})
+            assert ws.response("b1", timeout=max(0.0, deadline - time.monotonic()))["response"] == (
+                "Shelf, Bo"
+            )
+        finally:
+            ws.close()
+        with pytest.raises(Exception, match="404"):
+            RawWS(base + "app/nowhere/_/ws")
+    finally:
+        shelf.close()
