@@ -13,23 +13,34 @@ from typing import Any
 import orjson
 import tornado.web
 
-from anvil_nb.apps import KeyRing, Keys
+from anvil_nb.apps import DEFAULT_APP, KeyRing, Keys
 from anvil_nb.host import Host
 
-__all__ = ["AdminStateHandler", "ApiHandler", "admin_state", "no_endpoint"]
+__all__ = ["AdminStateHandler", "ApiHandler", "admin_state", "no_app", "no_endpoint"]
 
 
-def admin_state(host: Host, keys: Keys | KeyRing) -> dict[str, Any]:
-    """What ``_/admin/state`` answers: the state of the app ``default`` and its client key
-    (never a server key).
+def admin_state(
+    host: Host, keys: Keys | KeyRing, app: str = DEFAULT_APP
+) -> dict[str, Any] | None:
+    """What ``_/admin/state[?app=NAME]`` answers: the state of one app (``default`` unless
+    named) and its client key, never a server key; ``None`` for an app the host does not have.
     """
-    return {**host.state(), "client_key": KeyRing.of(keys).default.client_key}
+    keyring = KeyRing.of(keys)
+    if app not in keyring.names():
+        return None
+    return {**host.state(app), "client_key": keyring.keys(app).client_key}
+
+
+def no_app(app: str) -> dict[str, str]:
+    """The body of a 404 for an app the host does not have."""
+    return {"error": f"No app named {app[:100]!r}"}
 
 
 class _Base(tornado.web.RequestHandler):
     def initialize(self, host: Host, keys: Keys | KeyRing, public: bool = False) -> None:
         self.host = host
-        self.keys = KeyRing.of(keys).default
+        self.keyring = KeyRing.of(keys)
+        self.keys = self.keyring.default
         self.public = public
 
     def write_json(self, status: int, body: Any) -> None:
@@ -62,4 +73,9 @@ class AdminStateHandler(_Base):
                 403, {"error": "the server key is required (Authorization: Bearer <key>)"}
             )
             return
-        self.write_json(200, admin_state(self.host, self.keys))
+        app = self.get_query_argument("app", DEFAULT_APP)
+        state = admin_state(self.host, self.keyring, app)
+        if state is None:
+            self.write_json(404, no_app(app))
+        else:
+            self.write_json(200, state)

@@ -150,8 +150,10 @@ class AppState:
     registry: Registry[_PeerState] = field(default_factory=Registry)
     #: Trusted anvil_nb peers that asked to be told of every registration change.
     watchers: set[_PeerState] = field(default_factory=set)
-    #: The app's client key, shown to trusted code (``%anvil status``).
+    #: The app's keys, shown to its trusted peers (``%anvil status``); set by the door that
+    #: knows them (the uplink route's key ring).
     client_key: str | None = None
+    server_key: str | None = None
 
 
 @dataclass(eq=False)
@@ -904,7 +906,11 @@ class Host:
     def _host_state(self, ps: _PeerState, _msg: dict[str, Any], _rec: SessionRecord | None) -> Any:
         if not ps.trusted:
             raise PermissionDenied("Only trusted code may read the host's state")
-        return {**self.state(ps.app.name), "client_key": ps.app.client_key}
+        return {
+            **self.state(ps.app.name),
+            "client_key": ps.app.client_key,
+            "server_key": ps.app.server_key,
+        }
 
     def _capability_is_valid(
         self, ps: _PeerState, msg: dict[str, Any], _rec: SessionRecord | None

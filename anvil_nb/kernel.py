@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from anvil_nb import _output, _runtime, portable
+from anvil_nb.apps import DEFAULT_APP, app_name
 from anvil_nb.client import Client, functions
 from anvil_nb.errors import AnvilError, AppOfflineError
 from anvil_nb.events import EventBus
@@ -34,6 +35,11 @@ log = logging.getLogger("anvil_nb.kernel")
 
 ENV_URL = "ANVIL_NB_URL"
 ENV_KEY = "ANVIL_NB_SERVER_KEY"
+#: Set by jupyter_server for a kernel started for a notebook: the notebook's path (absolute when
+#: the frontend names the file, as JupyterLab does), which names the app the kernel joins.
+ENV_NOTEBOOK = "JPY_SESSION_NAME"
+#: Set by the extension: the server's root dir, which notebook paths are relative to.
+ENV_ROOT = "ANVIL_NB_ROOT"
 
 # Portable classes anvil_nb itself registers; not shown as the kernel's own.
 _BUILTIN_CLASSES = frozenset({"anvil.server._LoadAppResponse"})
@@ -48,6 +54,8 @@ class Joined:
     client_key: str | None
     embedded: bool
     client: Client
+    #: The app this kernel serves (its notebook's, or the one ``%anvil app`` chose).
+    app: str = DEFAULT_APP
     #: The name the host knows this kernel by, and the registrations when it joined.
     peer_name: str | None = None
     registrations: dict[str, list[str]] | None = None
@@ -107,16 +115,37 @@ def follow(client: Client | None, watch: bool = False) -> dict[str, Any] | None:
 _runtime.on_client_change(follow)
 
 
-def join(url: str | None = None, key: str | None = None) -> Joined:
-    """Connect this kernel to a host (see the module docstring) and make it the default."""
+def notebook_app() -> str | None:
+    """The app of this kernel's notebook (from ``JPY_SESSION_NAME``), or None without one."""
+    path = os.environ.get(ENV_NOTEBOOK)
+    if not path:
+        return None
+    root = os.environ.get(ENV_ROOT)
+    if os.path.isabs(path):
+        inside = root and os.path.commonpath([root, path]) == os.path.normpath(root)
+        path = os.path.relpath(path, root) if inside else os.path.basename(path)
+    try:
+        return app_name(path)
+    except ValueError:
+        return None
+
+
+def join(url: str | None = None, key: str | None = None, app: str | None = None) -> Joined:
+    """Connect this kernel to a host (see the module docstring) and make it the default.
+
+    With the host's own server key, the kernel joins *app* (default: its notebook's app, or
+    ``default`` for a kernel without a notebook); another app's server key joins that app.
+    """
     global _joined
     from_env = url is None
     if from_env:
         url, key = os.environ.get(ENV_URL), os.environ.get(ENV_KEY)
+    if app is None:
+        app = notebook_app()
     joined = None
     if url and key:
         try:
-            joined = _join_remote(url, key)
+            joined = _join_remote(url, key, app)
         except AppOfflineError as exc:
             if not from_env:
                 raise
@@ -144,15 +173,22 @@ def join(url: str | None = None, key: str | None = None) -> Joined:
     return joined
 
 
-def _join_remote(url: str, key: str) -> Joined:
+def _join_remote(url: str, key: str, app: str | None = None) -> Joined:
     from anvil_nb.transports.websocket import WebSocketTransport  # noqa: PLC0415 - loads tornado
 
-    client = Client(WebSocketTransport(url, key, kind="server_module")).start()
+    client = Client(WebSocketTransport(url, key, kind="server_module", app=app)).start()
     try:
-        client_key = client.call("anvil.private.host_state").get("client_key")
+        state = client.call("anvil.private.host_state")
     except Exception:  # an older host, or one that keeps its keys to itself
-        client_key = None
-    return Joined(url, key, client_key, embedded=False, client=client)
+        state = {}
+    return Joined(
+        url,
+        state.get("server_key") or key,
+        state.get("client_key"),
+        embedded=False,
+        client=client,
+        app=state.get("app") or DEFAULT_APP,
+    )
 
 
 def _join_embedded() -> Joined:
@@ -210,6 +246,7 @@ def status() -> dict[str, Any]:
         log.warning("anvil_nb: could not read the host's state: %s", exc)
     return {
         "connected": _joined.client.connected,
+        "app": _joined.app,
         "url": _joined.url,
         "embedded": _joined.embedded,
         "client_key": _joined.client_key,
@@ -220,6 +257,46 @@ def status() -> dict[str, Any]:
     }
 
 
+def status_json() -> dict[str, Any]:
+    """``%anvil status --json``: the app this kernel serves, as DESIGN.md's fixed interface.
+
+    ``url`` is the app's HTTP origin (``{root}app/NAME/``; ``default`` is at ``{root}``),
+    ``uplink_url`` the URL scripts connect to with ``server_key`` or ``client_key``.
+    """
+    s = status()
+    if "url" not in s:
+        return {"app": None, "url": None, "uplink_url": None, "server_key": None,
+                "client_key": None, "functions": s["functions"], "portable_classes": []}  # fmt: skip
+    root = s["url"].removesuffix("_/uplink").replace("ws", "http", 1)
+    url = root if s["app"] == DEFAULT_APP else f"{root}app/{s['app']}/"
+    return {
+        "app": s["app"],
+        "url": url,
+        "uplink_url": s["url"],
+        "server_key": s["server_key"],
+        "client_key": s["client_key"],
+        "functions": s["functions"],
+        "portable_classes": s["classes"],
+    }
+
+
+def switch_app(app: str) -> Joined:
+    """``%anvil app NAME``: serve *app* on the same host from now on (its functions move)."""
+    if _joined is None:
+        raise AppOfflineError("not connected: run %load_ext anvil_nb first")
+    if _joined.embedded:
+        raise AppOfflineError("the embedded host of this kernel serves one app")
+    key = _joined.client.transport.key  # type: ignore[attr-defined]
+    wanted = app_name(app)
+    joined = join(_joined.url, key, wanted)
+    if joined.app != wanted:
+        raise AppOfflineError(
+            f"this kernel's key admits the app {joined.app!r} only (the host's own server key "
+            "joins any app)"
+        )
+    return joined
+
+
 def format_status(show_server_key: bool = False) -> str:
     """``%anvil status`` as text."""
     s = status()
@@ -228,6 +305,7 @@ def format_status(show_server_key: bool = False) -> str:
     where = "embedded host in this kernel" if s["embedded"] else "host"
     lines = [
         f"anvil_nb: {'connected to' if s['connected'] else 'DISCONNECTED from'} {where} at {s['url']}",
+        f"  app:          {s['app']}",
         f"  client key:   {s['client_key'] or '(not known here)'}",
     ]
     if show_server_key:

@@ -12,6 +12,7 @@ and steer the kernel's connection (see :mod:`anvil_nb.kernel`).
 from __future__ import annotations
 
 import ast
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -119,15 +120,32 @@ class AnvilMagics(Magics):
         self._cells[key] = now
 
     @magic_arguments()
-    @argument("command", nargs="?", default="status", choices=["status", "connect", "dashboard"])
-    @argument("args", nargs="*", help="for connect: URL KEY")
+    @argument(
+        "command", nargs="?", default="status", choices=["status", "connect", "app", "dashboard"]
+    )
+    @argument("args", nargs="*", help="for connect: URL KEY; for app: NAME")
     @argument("--server-key", action="store_true", help="status: show the server key too")
+    @argument("--json", action="store_true", help="status: one JSON object (the app's keys too)")
     @line_magic
     def anvil(self, line: str) -> Any:
-        """``%anvil status [--server-key]`` | ``%anvil connect URL KEY`` | ``%anvil dashboard``."""
+        """``%anvil status [--server-key] [--json]`` | ``%anvil connect URL KEY`` |
+        ``%anvil app NAME`` | ``%anvil dashboard``.
+        """
         args = parse_argstring(self.anvil, line)
         if args.command == "status":
-            print(kernel.format_status(show_server_key=args.server_key))
+            if args.json:
+                print(json.dumps(kernel.status_json()))
+            else:
+                print(kernel.format_status(show_server_key=args.server_key))
+            return None
+        if args.command == "app":
+            if len(args.args) != 1:
+                raise UsageError("usage: %anvil app NAME")
+            try:
+                kernel.switch_app(args.args[0])
+            except (AnvilError, ValueError) as exc:  # the current connection stays as it was
+                raise UsageError(f"%anvil app: {exc}") from exc
+            print(kernel.format_status())
             return None
         if args.command == "connect":
             if len(args.args) != 2:

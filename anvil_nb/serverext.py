@@ -43,8 +43,8 @@ from tornado import web
 from traitlets import Bool, Dict, TraitError, Unicode, default, validate
 
 from anvil_nb.app import Handlers, routes
-from anvil_nb.apps import KeyRing
-from anvil_nb.handlers import admin_state, no_endpoint
+from anvil_nb.apps import DEFAULT_APP, KeyRing
+from anvil_nb.handlers import admin_state, no_app, no_endpoint
 from anvil_nb.host import Host
 from anvil_nb.limits import DEFAULT_LIMITS, Limits
 from anvil_nb.serve import default_data_dir
@@ -110,7 +110,12 @@ class JupyterAdminStateHandler(APIHandler):
 
     @web.authenticated
     def get(self) -> None:
-        self.finish(admin_state(self.host, self.keys))
+        app = self.get_query_argument("app", DEFAULT_APP)
+        state = admin_state(self.host, self.keys, app)
+        if state is None:
+            self.set_status(404)
+            state = no_app(app)
+        self.finish(state)
 
 
 class AnvilNB(ExtensionApp):
@@ -210,6 +215,7 @@ class AnvilNB(ExtensionApp):
         self.host.origin = http_url.removesuffix("/_/uplink")
         os.environ["ANVIL_NB_URL"] = self.uplink_url()
         os.environ["ANVIL_NB_SERVER_KEY"] = self.keys.default.server_key
+        os.environ["ANVIL_NB_ROOT"] = str(self.serverapp.root_dir)  # notebook paths -> app names
         self.log.info("anvil_nb: host ready; uplinks connect to %s", self.uplink_url())
 
     async def stop_extension(self) -> None:

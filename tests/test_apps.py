@@ -15,6 +15,8 @@ import subprocess
 import sys
 import textwrap
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -204,5 +206,35 @@ def test_app_routes_name_an_app_that_exists(serve_proc):
             ws.close()
         with pytest.raises(Exception, match="404"):
             RawWS(base + "app/nowhere/_/ws")
+    finally:
+        shelf.close()
+
+
+def admin(host: ServeProc, query: str = "") -> tuple[int, Any]:
+    request = urllib.request.Request(
+        f"{host.http_url}_/admin/state{query}",
+        headers={"Authorization": f"Bearer {host.server_key}"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=WAIT) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def test_admin_state_shows_one_app_at_a_time(serve_proc):
+    host: ServeProc = serve_proc()
+    books = json.loads(keys_cli(host.data_dir, "books", "--json").stdout)
+    shelf = provider(host.url, books["server_key"], "Shelf")
+    try:
+        status, state = admin(host, "?app=books")
+        assert status == 200 and state["app"] == "books", state
+        assert list(state["registrations"]) == ["greet"]
+        assert state["client_key"] == books["client_key"]
+        assert "server_key" not in state
+        status, state = admin(host)
+        assert status == 200 and state["app"] == DEFAULT_APP and state["registrations"] == {}
+        status, state = admin(host, "?app=nowhere")
+        assert status == 404 and "nowhere" in state["error"]
     finally:
         shelf.close()

@@ -196,8 +196,11 @@ class JupyterLab:
         except urllib.error.HTTPError as err:
             return err.code, err.read().decode(errors="replace")
 
-    def anvil_state(self) -> dict[str, Any]:
-        status, state = self.request("GET", "anvil/_/admin/state")
+    def anvil_state(self, app: str = "dashboard") -> dict[str, Any]:
+        """The host's state of an app (the notebook's, by default: its kernel joins it)."""
+        status, state = self.request("GET", f"anvil/_/admin/state?app={app}")
+        if status == 404:  # the kernel has not joined yet: the app is not there yet
+            return {"app": app, "registrations": {}, "peers": []}
         assert status == 200, (status, state)
         return state
 

@@ -321,6 +321,61 @@ def test_a_kernel_function_is_called_through_the_jupyter_server(
     assert jupyter.stop() == 0, f"jupyter server did not stop cleanly on SIGTERM:\n{jupyter.log()}"
 
 
+def test_two_notebooks_are_two_apps_and_never_collide(jupyter: JupyterServer, closing: list[Any]):
+    """Each notebook's kernel joins its own app; the real client reaches each by its keys."""
+    uplink_url = f"ws://127.0.0.1:{jupyter.port}{BASE_URL}anvil/_/uplink"
+    apps = {}
+    for path, text in (("one.ipynb", "One says hi"), ("Two Notes.ipynb", "Two says hi")):
+        status, session = jupyter.request(
+            "POST",
+            "api/sessions",
+            {"path": path, "type": "notebook", "kernel": {"name": "python3"}},
+        )
+        assert status == 201, (status, session)
+        channel = KernelChannel(jupyter, session["kernel"]["id"])
+        closing.append(channel)
+        channel.run("%load_ext anvil_nb")
+        channel.run(f'%%callable\ndef greet(name):\n    return "{text}, " + name')
+        info = json.loads(text_of(channel.run("%anvil status --json")))
+        assert info["uplink_url"] == uplink_url and info["functions"] == ["greet"], info
+        apps[info["app"]] = (info, text)
+    assert sorted(apps) == ["one", "two-notes"]
+    for info, text in apps.values():
+        assert info["url"].endswith(f"{BASE_URL}anvil/app/{info['app']}/"), info
+        keys_file = jupyter.data_dir / "apps" / info["app"] / "keys.json"
+        assert json.loads(keys_file.read_text())["client_key"] == info["client_key"]
+        script = (
+            "import anvil.server\n"
+            f"anvil.server.connect({info['client_key']!r}, url={uplink_url!r}, quiet=True)\n"
+            "print('REAL:', anvil.server.call('greet', 'Ann'), flush=True)\n"
+            "anvil.server.disconnect()\n"
+        )
+        real = subprocess.run(
+            [sys.executable, "-c", script],
+            env={**os.environ, "PYTHONPATH": str(install_anvil_uplink())},
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert f"REAL: {text}, Ann" in real.stdout.splitlines(), (real.stdout, real.stderr)
+    # The server's own app has no greet: the notebooks' functions stay in their apps.
+    assert "greet" not in jupyter.anvil_state()["registrations"]
+
+    # %anvil app NAME: the second notebook joins the first one's app, and its function goes
+    # with it.
+    assert "app:          one" in text_of(channel.run("%anvil app one"))
+    moved = json.loads(text_of(channel.run("%anvil status --json")))
+    assert moved["app"] == "one", moved
+    left = Client(
+        WebSocketTransport(uplink_url, apps["two-notes"][0]["client_key"], reconnect=False),
+        functions=FunctionRegistry(),
+    ).start(WAIT)
+    closing.append(left)
+    with pytest.raises(NoServerFunctionError):
+        left.call("greet", "Ann")
+
+
 def test_the_installed_config_enables_the_extension():
     result = subprocess.run(
         [sys.executable, "-m", "jupyter", "server", "extension", "list"],

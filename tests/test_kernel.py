@@ -1145,3 +1145,23 @@ def test_server_disconnect_leaves_the_host_like_unload_ext(kernels):
     assert k.status()["connected"] is True
     k.run_ok("from anvil_nb import server\nserver.disconnect()")
     assert k.status() == {"connected": False, "functions": k.status()["functions"]}
+
+
+@pytest.mark.parametrize(
+    ("session_name", "root", "app"),
+    [
+        ("one.ipynb", None, "one"),  # a session made through the REST API: relative
+        ("/srv/nb/Sub Dir/Two.ipynb", "/srv/nb", "sub-dir-two"),  # JupyterLab: absolute
+        ("/elsewhere/Three.ipynb", "/srv/nb", "three"),
+        (None, None, None),  # a kernel without a notebook joins default
+    ],
+)
+def test_a_kernel_joins_the_app_named_after_its_notebook(monkeypatch, session_name, root, app):
+    from anvil_nb import kernel
+
+    for name, value in ((kernel.ENV_NOTEBOOK, session_name), (kernel.ENV_ROOT, root)):
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+    assert kernel.notebook_app() == app

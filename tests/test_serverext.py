@@ -47,7 +47,7 @@ pytest_plugins = ["pytest_jupyter.jupyter_server"]
 
 SERVER_KEY = "server-key-for-jupyter-tests"
 CLIENT_KEY = "client-key-for-jupyter-tests"
-ENV_NAMES = ("ANVIL_NB_URL", "ANVIL_NB_SERVER_KEY")
+ENV_NAMES = ("ANVIL_NB_URL", "ANVIL_NB_SERVER_KEY", "ANVIL_NB_ROOT")
 WAIT = 10.0
 
 

@@ -310,6 +310,8 @@ class UplinkHandler(tornado.websocket.WebSocketHandler):
                 self.fatal(f"Invalid app name: {exc}", key="handshake")
                 return
             self.keyring.keys(app)  # the app exists from now on, with keys of its own
+        keys, state = self.keyring.keys(app), self.host.app(app)
+        state.server_key, state.client_key = keys.server_key, keys.client_key
         self.peer = WebSocketPeer(self, kind, self.request.remote_ip)
         self.host.attach(self.peer, app=app)
 

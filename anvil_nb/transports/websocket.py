@@ -98,6 +98,8 @@ class WebSocketTransport(Transport):
         self._queued = 0
         self._drained = threading.Condition()
         self._hello = protocol.hello(key, kind, app)
+        #: The key this transport says hello with.
+        self.key = key
         self.reconnect = reconnect
         self.extra_headers = dict(extra_headers or {})
         self.connect_timeout = connect_timeout
