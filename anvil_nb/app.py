@@ -11,8 +11,10 @@ use a route:
 ``_/api/<path>``            HTTP endpoints of ``default``
 ``app/<name>/_/ws``         browser WebSocket of the app *name*
 ``app/<name>/_/api/<path>`` HTTP endpoints of the app *name*
-``_/admin/state``           registrations and peers (server key standalone, Jupyter auth
-                            in Jupyter)
+``_/admin/state[?app=N]``   one app's registrations and peers (server key standalone,
+                            Jupyter auth in Jupyter)
+``_/admin/apps``            every app with its URLs, keys, functions and portable classes
+                            (the same rules)
 ==========================  ======================================================
 
 An app route names an app that exists (it has keys); others are a 404: apps are made by
@@ -27,7 +29,7 @@ from typing import Any
 import tornado.web
 
 from anvil_nb.apps import KeyRing, Keys
-from anvil_nb.handlers import AdminStateHandler, ApiHandler
+from anvil_nb.handlers import AdminAppsHandler, AdminStateHandler, ApiHandler, StatusPageHandler
 from anvil_nb.host import Host
 from anvil_nb.limits import Limits
 from anvil_nb.transports.uplink_ws import BrowserHandler, UplinkHandler
@@ -43,6 +45,7 @@ class Handlers:
     browser: type = BrowserHandler
     api: type = ApiHandler
     admin_state: type = AdminStateHandler
+    admin_apps: type = AdminAppsHandler
 
 
 def _join(prefix: str, path: str) -> str:
@@ -69,6 +72,7 @@ def routes(
         (_join(prefix, "_/api/(.*)"), handlers.api, kwargs),
         (_join(prefix, APP + "_/api/(.*)"), handlers.api, kwargs),
         (_join(prefix, "_/admin/state"), handlers.admin_state, kwargs),
+        (_join(prefix, "_/admin/apps"), handlers.admin_apps, kwargs),
     ]
 
 
@@ -97,4 +101,10 @@ def make_app(host: Host, keys: Keys | KeyRing, prefix: str = "/") -> tornado.web
     :class:`anvil_nb.transports.listener.HTTPServer`, which bounds the time and the accept
     errors before the upgrade.
     """
-    return tornado.web.Application(routes(host, keys, prefix), **websocket_settings(host.limits))
+    table = routes(host, keys, prefix)
+    kwargs = table[0][2]
+    table += [  # the status page: the standalone and embedded hosts' own front door
+        (prefix, StatusPageHandler, kwargs),
+        (_join(prefix, APP), StatusPageHandler, kwargs),
+    ]
+    return tornado.web.Application(table, **websocket_settings(host.limits))

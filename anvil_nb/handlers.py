@@ -8,6 +8,7 @@ Standalone, ``_/admin/...`` asks for the server key (``Authorization: Bearer <ke
 from __future__ import annotations
 
 import hmac
+import html
 from typing import Any
 
 import orjson
@@ -16,7 +17,16 @@ import tornado.web
 from anvil_nb.apps import DEFAULT_APP, KeyRing, Keys
 from anvil_nb.host import Host
 
-__all__ = ["AdminStateHandler", "ApiHandler", "admin_state", "no_app", "no_endpoint"]
+__all__ = [
+    "AdminAppsHandler",
+    "AdminStateHandler",
+    "ApiHandler",
+    "StatusPageHandler",
+    "admin_state",
+    "apps_state",
+    "no_app",
+    "no_endpoint",
+]
 
 
 def admin_state(
@@ -29,6 +39,28 @@ def admin_state(
     if app not in keyring.names():
         return None
     return {**host.state(app), "client_key": keyring.keys(app).client_key}
+
+
+def apps_state(host: Host, keys: Keys | KeyRing) -> list[dict[str, Any]]:
+    """What ``_/admin/apps`` answers: every app, as ``%anvil status --json`` describes one."""
+    keyring = KeyRing.of(keys)
+    origin = (host.origin or "").rstrip("/") + "/"
+    uplink = origin.replace("http", "ws", 1) + "_/uplink"
+    apps = []
+    for name in keyring.names():
+        keys_of = keyring.keys(name)
+        apps.append(
+            {
+                "app": name,
+                "url": origin if name == DEFAULT_APP else f"{origin}app/{name}/",
+                "uplink_url": uplink,
+                "server_key": keys_of.server_key,
+                "client_key": keys_of.client_key,
+                "functions": sorted(host.state(name)["registrations"]),
+                "portable_classes": host.portable_classes(name),
+            }
+        )
+    return apps
 
 
 def no_app(app: str) -> dict[str, str]:
@@ -61,6 +93,43 @@ class ApiHandler(_Base):
         self.write_json(404, no_endpoint(args[-1]))  # (app name,) path
 
     get = post = put = delete = patch = head = _no_endpoint  # type: ignore[assignment]
+
+
+class AdminAppsHandler(_Base):
+    """``_/admin/apps``: every app with its keys, for the server key's holder."""
+
+    def get(self) -> None:  # noqa: D102
+        given = self.request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+        if not hmac.compare_digest(given.encode(), self.keys.server_key.encode()):
+            self.write_json(
+                403, {"error": "the server key is required (Authorization: Bearer <key>)"}
+            )
+            return
+        self.write_json(200, apps_state(self.host, self.keyring))
+
+
+class StatusPageHandler(_Base):
+    """``GET {root}`` and ``{root}app/NAME/`` on the standalone host: who is here, in HTML.
+
+    The app's name, its uplink URL and its registered functions (no keys: ``anvil-nb keys``
+    prints those on the host's machine).
+    """
+
+    def get(self, app: str = DEFAULT_APP) -> None:  # noqa: D102
+        if app not in self.keyring.names():
+            raise tornado.web.HTTPError(404)
+        origin = (self.host.origin or "").rstrip("/")
+        functions = sorted(self.host.state(app)["registrations"])
+        items = "".join(f"<li><code>{html.escape(f)}</code></li>" for f in functions)
+        self.set_header("Content-Type", "text/html; charset=utf-8")
+        self.finish(
+            "<!doctype html><meta charset=utf-8><title>anvil_nb: "
+            f"{html.escape(app)}</title><h1>anvil_nb app <code>{html.escape(app)}</code></h1>"
+            f"<p>Uplink scripts connect to <code>{html.escape(origin.replace('http', 'ws', 1))}"
+            "/_/uplink</code> with this app's server key (to serve functions) or client key (to "
+            "call them); <code>anvil-nb keys " + html.escape(app) + "</code> prints them.</p>"
+            f"<h2>Functions ({len(functions)})</h2><ul>{items or '<li>(none yet)</li>'}</ul>"
+        )
 
 
 class AdminStateHandler(_Base):

@@ -88,6 +88,7 @@ _SESSIONLESS = frozenset(
     {
         "anvil.private.echo",
         "anvil.private.capability_is_valid",
+        "anvil.private.report_classes",
         "anvil.private.get_app_origin",
         "anvil.private.get_api_origin",
         "anvil.private.host_state",
@@ -163,6 +164,8 @@ class _PeerState:
     frame: dict[str, Any]
     session_id: str
     app: AppState
+    #: The portable classes an anvil_nb peer says it defines (``%anvil status``, admin pages).
+    classes: tuple[str, ...] = ()
     #: Requests this peer is serving: host request id -> request.
     served: dict[str, _Request] = field(default_factory=dict)
     #: Calls this peer made that are still in flight: its call id -> request.
@@ -275,6 +278,7 @@ class Host:
             "anvil.private.capability_is_valid": self._capability_is_valid,
             "anvil.private.host_state": self._host_state,
             "anvil.private.watch_registry": self._watch_registry,
+            "anvil.private.report_classes": self._report_classes,
         }
 
     # -----------------------------------------------------------------------------------------
@@ -902,6 +906,23 @@ class Host:
             raise PermissionDenied("Only trusted code may watch the registry")
         ps.app.watchers.add(ps)
         return {**self.state(ps.app.name), "you": ps.peer.name}
+
+    def _report_classes(
+        self, ps: _PeerState, msg: dict[str, Any], _rec: SessionRecord | None
+    ) -> int:
+        """A trusted anvil_nb peer says which portable classes it defines (shown, not used)."""
+        if not ps.trusted:
+            raise PermissionDenied("Only trusted code may report portable classes")
+        names = (msg.get("args") or [[]])[0]
+        if type(names) is not list:
+            raise ProtocolError("anvil.private.report_classes takes a list of names")
+        ps.classes = tuple(sorted({clip(n) for n in names[:1000] if type(n) is str}))
+        return len(ps.classes)
+
+    def portable_classes(self, app: str = DEFAULT_APP) -> list[str]:
+        """The portable classes the peers of *app* said they define."""
+        state = self.app(app)
+        return sorted({c for ps in self._peers.values() if ps.app is state for c in ps.classes})
 
     def _host_state(self, ps: _PeerState, _msg: dict[str, Any], _rec: SessionRecord | None) -> Any:
         if not ps.trusted:

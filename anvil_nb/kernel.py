@@ -170,6 +170,7 @@ def join(url: str | None = None, key: str | None = None, app: str | None = None)
     # A kernel that joined a host stays with it (never falls back to an embedded one).
     _runtime.set_client(joined.client, remote=None if joined.embedded else joined.url)
     _joined = joined
+    report_classes()
     return joined
 
 
@@ -255,6 +256,30 @@ def status() -> dict[str, Any]:
         "classes": sorted(set(portable.registered_names()) - _BUILTIN_CLASSES),
         "peers": peers,
     }
+
+
+def report_classes() -> None:
+    """Tell the host which portable classes this kernel defines (for ``_/admin/apps``)."""
+    if _joined is None:
+        return
+    names = sorted(set(portable.registered_names()) - _BUILTIN_CLASSES)
+    try:
+        _joined.client.call("anvil.private.report_classes", names)
+    except AnvilError as exc:  # an older host: it shows no classes, nothing else changes
+        log.debug("anvil_nb: could not report portable classes: %s", exc)
+
+
+def shared_names(names: list[str]) -> dict[str, list[str]]:
+    """Of *names*, those another connection of this kernel's app also provides, with who."""
+    if _joined is None or not names:
+        return {}
+    try:
+        registrations = _joined.client.call("anvil.private.host_state").get("registrations") or {}
+    except AnvilError:
+        return {}
+    me = _joined.peer_name
+    shared = {n: [p for p in registrations.get(n, []) if p != me] for n in names}
+    return {n: others for n, others in shared.items() if others}
 
 
 def status_json() -> dict[str, Any]:

@@ -81,6 +81,12 @@ class AnvilMagics(Magics):
             value = eval(self.shell.compile(ast.Expression(last.value), filename, "eval"), ns)
         key = self._cell_id or (args.name, *fns, *classes)
         self._register(fns, classes, args.name, bool(args.require_user), key)
+        kernel.report_classes()
+        for name, others in kernel.shared_names([args.name] if args.name else fns).items():
+            print(
+                f"anvil_nb: {name!r} is also provided by {', '.join(others)} in this app: "
+                "calls to it are shared in turn (%anvil app NAME moves this kernel to its own app)"
+            )
         return value
 
     def _cell_number(self) -> int:

@@ -31,6 +31,7 @@ not those of :mod:`anvil_nb.transports.listener`.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import fields, replace
 from pathlib import Path
@@ -44,7 +45,7 @@ from traitlets import Bool, Dict, TraitError, Unicode, default, validate
 
 from anvil_nb.app import Handlers, routes
 from anvil_nb.apps import DEFAULT_APP, KeyRing
-from anvil_nb.handlers import admin_state, no_app, no_endpoint
+from anvil_nb.handlers import admin_state, apps_state, no_app, no_endpoint
 from anvil_nb.host import Host
 from anvil_nb.limits import DEFAULT_LIMITS, Limits
 from anvil_nb.serve import default_data_dir
@@ -116,6 +117,14 @@ class JupyterAdminStateHandler(APIHandler):
             self.set_status(404)
             state = no_app(app)
         self.finish(state)
+
+
+class JupyterAdminAppsHandler(JupyterAdminStateHandler):
+    """``_/admin/apps`` inside Jupyter: every app and its keys, behind Jupyter's authentication."""
+
+    @web.authenticated
+    def get(self) -> None:
+        self.finish(json.dumps(apps_state(self.host, self.keys)))
 
 
 class AnvilNB(ExtensionApp):
@@ -197,6 +206,7 @@ class AnvilNB(ExtensionApp):
             browser=JupyterBrowserHandler,
             api=JupyterApiHandler,
             admin_state=JupyterAdminStateHandler,
+            admin_apps=JupyterAdminAppsHandler,
         )
         self.handlers.extend(routes(self.host, self.keys, PREFIX, handlers, public=self.public))
 

@@ -238,3 +238,49 @@ def test_admin_state_shows_one_app_at_a_time(serve_proc):
         assert status == 404 and "nowhere" in state["error"]
     finally:
         shelf.close()
+
+
+def test_admin_apps_lists_every_app_with_its_urls_keys_and_functions(serve_proc):
+    host: ServeProc = serve_proc()
+    books = json.loads(keys_cli(host.data_dir, "books", "--json").stdout)
+    shelf = provider(host.url, books["server_key"], "Shelf")
+    try:
+        shelf.call("anvil.private.report_classes", ["books.Book"])
+        request = urllib.request.Request(
+            f"{host.http_url}_/admin/apps", headers={"Authorization": f"Bearer {host.server_key}"}
+        )
+        with urllib.request.urlopen(request, timeout=WAIT) as response:
+            apps = {a["app"]: a for a in json.loads(response.read())}
+        assert sorted(apps) == ["books", DEFAULT_APP]
+        assert apps["books"] == {
+            "app": "books",
+            "url": f"{host.http_url}app/books/",
+            "uplink_url": host.url,
+            "server_key": books["server_key"],
+            "client_key": books["client_key"],
+            "functions": ["greet"],
+            "portable_classes": ["books.Book"],
+        }
+        assert apps[DEFAULT_APP]["url"] == host.http_url
+        with pytest.raises(urllib.error.HTTPError, match="403"):
+            urllib.request.urlopen(f"{host.http_url}_/admin/apps", timeout=WAIT)
+    finally:
+        shelf.close()
+
+
+def test_the_front_door_shows_an_apps_name_uplink_url_and_functions(serve_proc):
+    host: ServeProc = serve_proc()
+    books = json.loads(keys_cli(host.data_dir, "books", "--json").stdout)
+    shelf = provider(host.url, books["server_key"], "Shelf")
+    try:
+        with urllib.request.urlopen(f"{host.http_url}app/books/", timeout=WAIT) as response:
+            page = response.read().decode()
+            assert response.headers["Content-Type"].startswith("text/html")
+        assert "<code>books</code>" in page and host.url in page and "<code>greet</code>" in page
+        assert books["client_key"] not in page and books["server_key"] not in page
+        with urllib.request.urlopen(host.http_url, timeout=WAIT) as response:
+            assert "(none yet)" in response.read().decode()  # default serves nothing here
+        with pytest.raises(urllib.error.HTTPError, match="404"):
+            urllib.request.urlopen(f"{host.http_url}app/nowhere/", timeout=WAIT)
+    finally:
+        shelf.close()

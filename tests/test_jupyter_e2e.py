@@ -366,6 +366,14 @@ def test_two_notebooks_are_two_apps_and_never_collide(jupyter: JupyterServer, cl
     # with it.
     assert "app:          one" in text_of(channel.run("%anvil app one"))
     moved = json.loads(text_of(channel.run("%anvil status --json")))
+    again = text_of(
+        channel.run("%%callable\nclass Note:\n    pass\ndef greet(name):\n    return name")
+    )
+    assert "'greet' is also provided by" in again, again
+    status, listed = jupyter.request("GET", "anvil/_/admin/apps")
+    assert status == 200, (status, listed)
+    one = next(a for a in listed if a["app"] == "one")
+    assert one["functions"] == ["greet"] and one["portable_classes"] == ["__main__.Note"], one
     assert moved["app"] == "one", moved
     left = Client(
         WebSocketTransport(uplink_url, apps["two-notes"][0]["client_key"], reconnect=False),
