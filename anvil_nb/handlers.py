@@ -75,6 +75,14 @@ class _Base(tornado.web.RequestHandler):
         self.keys = self.keyring.default
         self.public = public
 
+    def refused_without_the_server_key(self) -> bool:
+        """Answer 403 (and True) unless the request carries ``default``'s server key."""
+        given = self.request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+        if hmac.compare_digest(given.encode(), self.keys.server_key.encode()):
+            return False
+        self.write_json(403, {"error": "the server key is required (Authorization: Bearer <key>)"})
+        return True
+
     def write_json(self, status: int, body: Any) -> None:
         self.set_status(status)
         self.set_header("Content-Type", "application/json")
@@ -99,11 +107,7 @@ class AdminAppsHandler(_Base):
     """``_/admin/apps``: every app with its keys, for the server key's holder."""
 
     def get(self) -> None:  # noqa: D102
-        given = self.request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
-        if not hmac.compare_digest(given.encode(), self.keys.server_key.encode()):
-            self.write_json(
-                403, {"error": "the server key is required (Authorization: Bearer <key>)"}
-            )
+        if self.refused_without_the_server_key():
             return
         self.write_json(200, apps_state(self.host, self.keyring))
 
@@ -136,11 +140,7 @@ class AdminStateHandler(_Base):
     """``_/admin/state``: registrations and connected peers, for the server key's holder."""
 
     def get(self) -> None:  # noqa: D102
-        given = self.request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
-        if not hmac.compare_digest(given.encode(), self.keys.server_key.encode()):
-            self.write_json(
-                403, {"error": "the server key is required (Authorization: Bearer <key>)"}
-            )
+        if self.refused_without_the_server_key():
             return
         app = self.get_query_argument("app", DEFAULT_APP)
         state = admin_state(self.host, self.keyring, app)

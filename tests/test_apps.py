@@ -17,6 +17,7 @@ import textwrap
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -189,25 +190,30 @@ def test_the_hosts_own_server_key_joins_the_app_a_kernel_names(
         kernel.close()
 
 
-def test_app_routes_name_an_app_that_exists(serve_proc):
+@pytest.fixture
+def books_host(serve_proc: Any) -> Iterator[tuple[ServeProc, dict[str, str], Client]]:
+    """A host with the app ``books`` (made by ``anvil-nb keys``) and its provider of ``greet``."""
     host: ServeProc = serve_proc()
     books = json.loads(keys_cli(host.data_dir, "books", "--json").stdout)
     shelf = provider(host.url, books["server_key"], "Shelf")
+    yield host, books, shelf
+    shelf.close()
+
+
+def test_app_routes_name_an_app_that_exists(books_host):
+    host, books, shelf = books_host
+    base = host.url.removesuffix("_/uplink")
+    ws = RawWS(base + "app/books/_/ws")
     try:
-        base = host.url.removesuffix("_/uplink")
-        ws = RawWS(base + "app/books/_/ws")
-        try:
-            deadline = time.monotonic() + WAIT
-            ws.send({"type": "CALL", "id": "b1", "command": "greet", "args": ["Bo"], "kwargs": {}})
-            assert ws.response("b1", timeout=max(0.0, deadline - time.monotonic()))["response"] == (
-                "Shelf, Bo"
-            )
-        finally:
-            ws.close()
-        with pytest.raises(Exception, match="404"):
-            RawWS(base + "app/nowhere/_/ws")
+        deadline = time.monotonic() + WAIT
+        ws.send({"type": "CALL", "id": "b1", "command": "greet", "args": ["Bo"], "kwargs": {}})
+        assert ws.response("b1", timeout=max(0.0, deadline - time.monotonic()))["response"] == (
+            "Shelf, Bo"
+        )
     finally:
-        shelf.close()
+        ws.close()
+    with pytest.raises(Exception, match="404"):
+        RawWS(base + "app/nowhere/_/ws")
 
 
 def admin(host: ServeProc, query: str = "") -> tuple[int, Any]:
@@ -222,65 +228,50 @@ def admin(host: ServeProc, query: str = "") -> tuple[int, Any]:
         return err.code, json.loads(err.read())
 
 
-def test_admin_state_shows_one_app_at_a_time(serve_proc):
-    host: ServeProc = serve_proc()
-    books = json.loads(keys_cli(host.data_dir, "books", "--json").stdout)
-    shelf = provider(host.url, books["server_key"], "Shelf")
-    try:
-        status, state = admin(host, "?app=books")
-        assert status == 200 and state["app"] == "books", state
-        assert list(state["registrations"]) == ["greet"]
-        assert state["client_key"] == books["client_key"]
-        assert "server_key" not in state
-        status, state = admin(host)
-        assert status == 200 and state["app"] == DEFAULT_APP and state["registrations"] == {}
-        status, state = admin(host, "?app=nowhere")
-        assert status == 404 and "nowhere" in state["error"]
-    finally:
-        shelf.close()
+def test_admin_state_shows_one_app_at_a_time(books_host):
+    host, books, shelf = books_host
+    status, state = admin(host, "?app=books")
+    assert status == 200 and state["app"] == "books", state
+    assert list(state["registrations"]) == ["greet"]
+    assert state["client_key"] == books["client_key"]
+    assert "server_key" not in state
+    status, state = admin(host)
+    assert status == 200 and state["app"] == DEFAULT_APP and state["registrations"] == {}
+    status, state = admin(host, "?app=nowhere")
+    assert status == 404 and "nowhere" in state["error"]
 
 
-def test_admin_apps_lists_every_app_with_its_urls_keys_and_functions(serve_proc):
-    host: ServeProc = serve_proc()
-    books = json.loads(keys_cli(host.data_dir, "books", "--json").stdout)
-    shelf = provider(host.url, books["server_key"], "Shelf")
-    try:
-        shelf.call("anvil.private.report_classes", ["books.Book"])
-        request = urllib.request.Request(
-            f"{host.http_url}_/admin/apps", headers={"Authorization": f"Bearer {host.server_key}"}
-        )
-        with urllib.request.urlopen(request, timeout=WAIT) as response:
-            apps = {a["app"]: a for a in json.loads(response.read())}
-        assert sorted(apps) == ["books", DEFAULT_APP]
-        assert apps["books"] == {
-            "app": "books",
-            "url": f"{host.http_url}app/books/",
-            "uplink_url": host.url,
-            "server_key": books["server_key"],
-            "client_key": books["client_key"],
-            "functions": ["greet"],
-            "portable_classes": ["books.Book"],
-        }
-        assert apps[DEFAULT_APP]["url"] == host.http_url
-        with pytest.raises(urllib.error.HTTPError, match="403"):
-            urllib.request.urlopen(f"{host.http_url}_/admin/apps", timeout=WAIT)
-    finally:
-        shelf.close()
+def test_admin_apps_lists_every_app_with_its_urls_keys_and_functions(books_host):
+    host, books, shelf = books_host
+    shelf.call("anvil.private.report_classes", ["books.Book"])
+    request = urllib.request.Request(
+        f"{host.http_url}_/admin/apps", headers={"Authorization": f"Bearer {host.server_key}"}
+    )
+    with urllib.request.urlopen(request, timeout=WAIT) as response:
+        apps = {a["app"]: a for a in json.loads(response.read())}
+    assert sorted(apps) == ["books", DEFAULT_APP]
+    assert apps["books"] == {
+        "app": "books",
+        "url": f"{host.http_url}app/books/",
+        "uplink_url": host.url,
+        "server_key": books["server_key"],
+        "client_key": books["client_key"],
+        "functions": ["greet"],
+        "portable_classes": ["books.Book"],
+    }
+    assert apps[DEFAULT_APP]["url"] == host.http_url
+    with pytest.raises(urllib.error.HTTPError, match="403"):
+        urllib.request.urlopen(f"{host.http_url}_/admin/apps", timeout=WAIT)
 
 
-def test_the_front_door_shows_an_apps_name_uplink_url_and_functions(serve_proc):
-    host: ServeProc = serve_proc()
-    books = json.loads(keys_cli(host.data_dir, "books", "--json").stdout)
-    shelf = provider(host.url, books["server_key"], "Shelf")
-    try:
-        with urllib.request.urlopen(f"{host.http_url}app/books/", timeout=WAIT) as response:
-            page = response.read().decode()
-            assert response.headers["Content-Type"].startswith("text/html")
-        assert "<code>books</code>" in page and host.url in page and "<code>greet</code>" in page
-        assert books["client_key"] not in page and books["server_key"] not in page
-        with urllib.request.urlopen(host.http_url, timeout=WAIT) as response:
-            assert "(none yet)" in response.read().decode()  # default serves nothing here
-        with pytest.raises(urllib.error.HTTPError, match="404"):
-            urllib.request.urlopen(f"{host.http_url}app/nowhere/", timeout=WAIT)
-    finally:
-        shelf.close()
+def test_the_front_door_shows_an_apps_name_uplink_url_and_functions(books_host):
+    host, books, shelf = books_host
+    with urllib.request.urlopen(f"{host.http_url}app/books/", timeout=WAIT) as response:
+        page = response.read().decode()
+        assert response.headers["Content-Type"].startswith("text/html")
+    assert "<code>books</code>" in page and host.url in page and "<code>greet</code>" in page
+    assert books["client_key"] not in page and books["server_key"] not in page
+    with urllib.request.urlopen(host.http_url, timeout=WAIT) as response:
+        assert "(none yet)" in response.read().decode()  # default serves nothing here
+    with pytest.raises(urllib.error.HTTPError, match="404"):
+        urllib.request.urlopen(f"{host.http_url}app/nowhere/", timeout=WAIT)
