@@ -60,7 +60,7 @@ import pytest
 from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import KernelManager
 from support import Lines as _Lines
-from support import install_anvil_uplink
+from support import ServeProc, install_anvil_uplink
 from support import stop_process as _reap
 from support import tail as _tail
 
@@ -512,49 +512,10 @@ def real_caller(module_spawn: Spawn, status: dict[str, Any]) -> Agent:
 # A standalone host
 
 
-class ServeHost:
-    """``python -m anvil_nb serve --port 0`` with its own keys and data dir."""
-
-    def __init__(self, tmp: Path):
-        self.server_key = "server_" + secrets.token_urlsafe(12)
-        self.client_key = "client_" + secrets.token_urlsafe(12)
-        self.log_path = tmp / "serve.log"
-        self._log = open(self.log_path, "w")  # noqa: SIM115 - closed in stop()
-        cmd = [
-            sys.executable, "-m", "anvil_nb", "serve", "--host", "127.0.0.1", "--port", "0",
-            "--server-key", self.server_key, "--client-key", self.client_key,
-            "--data-dir", str(tmp / "data"),
-        ]  # fmt: skip
-        self.proc = subprocess.Popen(
-            cmd,
-            stdout=subprocess.PIPE,
-            stderr=self._log,
-            stdin=subprocess.DEVNULL,
-            text=True,
-            env=_base_env(),
-        )
-        self._lines = _Lines(self.proc.stdout)
-        try:
-            line = self._lines.next(time.monotonic() + WAIT)
-        except queue.Empty:
-            line = None
-        m = URL_RE.search(line or "")
-        if m is None:
-            self.stop()
-            pytest.fail(f"anvil_nb serve did not start: {line!r}\n{_tail(self.log_path)}")
-        self.url = m.group(0)
-
-    def stop(self) -> int | None:
-        code = _reap(self.proc, signal.SIGTERM)
-        self._lines.thread.join(timeout=5)
-        self.proc.stdout.close()  # type: ignore[union-attr]
-        self._log.close()
-        return code
-
-
 @pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeHost]:
-    h = ServeHost(tmp_path_factory.mktemp("serve"))
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProc]:
+    """``python -m anvil_nb serve --port 0`` with its own keys and data dir."""
+    h = ServeProc(tmp_path_factory.mktemp("serve"))
     yield h
     h.stop()
 
