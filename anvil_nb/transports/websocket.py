@@ -297,31 +297,39 @@ class WebSocketTransport(Transport):
                 ws.close()  # release it on our side too (tornado warns otherwise)
                 return reason
             try:
-                if isinstance(frame, bytes):
-                    done = assembler.chunk(frame)
-                else:
-                    msg = protocol.decode(frame)
-                    kind = protocol.kind_of(msg)
-                    if kind == "CHUNK_HEADER":
-                        assembler.header(msg)
-                        continue
-                    if kind == "auth":
-                        self._delay = FIRST_RETRY_DELAY  # a working connection: back off anew
-                    elif kind == "fatal" and msg.get("error") in KEY_REFUSALS:
-                        self.refused = str(msg.get("error"))
-                    done = assembler.message(msg)
+                done = self._take(frame, assembler)
             except ProtocolError as exc:
                 _quiet.warning(
                     log, "bad-frame:" + self.url, "bad frame from %s: %s", self.url, clip(str(exc))
                 )
-                ws.close(1002, str(exc)[:120])
+                ws.close(1002, protocol.close_reason(str(exc)))
                 return str(exc)
             for msg, media in done:
-                if self._on_message is not None:
-                    try:
-                        self._on_message(msg, media)
-                    except Exception:  # a handler's bug must not end the connection's reader
-                        log.exception("handling a message from %s failed", self.url)
+                self._deliver(msg, media)
+
+    def _take(
+        self, frame: str | bytes, assembler: protocol.MediaAssembler
+    ) -> list[tuple[dict[str, Any], dict[str, bytes]]]:
+        """The messages a frame completes (noting a new connection's ``auth`` or a refusal)."""
+        if isinstance(frame, bytes):
+            return assembler.chunk(frame)
+        msg = protocol.decode(frame)
+        kind = protocol.kind_of(msg)
+        if kind == "CHUNK_HEADER":
+            assembler.header(msg)
+            return []
+        if kind == "auth":
+            self._delay = FIRST_RETRY_DELAY  # a working connection: back off anew
+        elif kind == "fatal" and msg.get("error") in KEY_REFUSALS:
+            self.refused = str(msg.get("error"))
+        return assembler.message(msg)
+
+    def _deliver(self, msg: dict[str, Any], media: Mapping[str, bytes]) -> None:
+        if self._on_message is not None:
+            try:
+                self._on_message(msg, media)
+            except Exception:  # a handler's bug must not end the connection's reader
+                log.exception("handling a message from %s failed", self.url)
 
     async def _shutdown(self) -> None:
         ws, self._ws = self._ws, None
