@@ -544,49 +544,18 @@ class Client:
         result: Any = None,
         error: BaseException | None = None,
     ) -> None:
+        msg: dict[str, Any] = {}
         media: dict[str, bytes] = {}
         if error is None:
             try:
-                enc = serialise({"response": result}, remote_is_trusted=trusted)
-                updates = {}
-                for cap in state.capabilities:
-                    update = cap._take_update()
-                    if update is not None:
-                        updates[scope_key(cap.scope)] = update
-                        if self.events.active:
-                            self.events.emit(CapabilityUpdated(
-                                time.time(), state.request_id, scope_key(cap.scope), update, "sent"
-                            ))  # fmt: skip
-                if updates:  # updates are sent as they are: they must be plain JSON
-                    protocol.encode(updates)
-                msg = protocol.response(
-                    state.request_id,
-                    enc.message["response"],
-                    enc.message.get("objects") or [],
-                    vt_global=enc.message.get("vt_global"),
-                    session_data=self._dump_session(state.session),
-                    cap_updates=updates,
-                )
-                media = {mid: m.get_bytes() for mid, m in enc.media}
+                msg, media = self._answer(state, trusted, result)
             except Exception as exc:
                 error = exc
         if error is not None:
-            msg = protocol.error_message(state.request_id, error_to_wire(error))
-            media = {}
+            msg, media = protocol.error_message(state.request_id, error_to_wire(error)), {}
         # Events first, so that whoever watches has the outcome before the caller has it.
         if self.events.active:
-            self.events.emit(CallFinished(
-                time=time.time(), call_id=state.request_id, command=state.command,
-                duration=time.perf_counter() - started, ok=error is None,
-                error_type=None if error is None else type(error).__name__,
-                error_message=None if error is None else str(error), result=result,
-                output=state.output.getvalue() if state.output is not None else "",
-                trace=() if error is None else tuple(trace_of(error.__traceback__)),
-            ))  # fmt: skip
-            if error is None and state.session_id:
-                self.events.emit(
-                    SessionChanged(time.time(), state.session_id, "saved", dict(state.session))
-                )
+            self._emit_finished(state, started, result, error)
         if state.generation != self._generation or not self._online:
             # The connection the call came on is gone, and the host failed the call with it;
             # a new connection (a new host, perhaps) knows nothing of this id.
@@ -595,6 +564,53 @@ class Client:
                 clip(state.request_id), clip(state.command),
             )  # fmt: skip
             return
+        self._send_answer(state, msg, media)
+
+    def _answer(
+        self, state: CallState, trusted: bool, result: Any
+    ) -> tuple[dict[str, Any], dict[str, bytes]]:
+        """The response to a call that returned *result*: value, session and updates."""
+        enc = serialise({"response": result}, remote_is_trusted=trusted)
+        updates = {}
+        for cap in state.capabilities:
+            update = cap._take_update()
+            if update is not None:
+                updates[scope_key(cap.scope)] = update
+                if self.events.active:
+                    self.events.emit(CapabilityUpdated(
+                        time.time(), state.request_id, scope_key(cap.scope), update, "sent"
+                    ))  # fmt: skip
+        if updates:  # updates are sent as they are: they must be plain JSON
+            protocol.encode(updates)
+        msg = protocol.response(
+            state.request_id,
+            enc.message["response"],
+            enc.message.get("objects") or [],
+            vt_global=enc.message.get("vt_global"),
+            session_data=self._dump_session(state.session),
+            cap_updates=updates,
+        )
+        return msg, {mid: m.get_bytes() for mid, m in enc.media}
+
+    def _emit_finished(
+        self, state: CallState, started: float, result: Any, error: BaseException | None
+    ) -> None:
+        self.events.emit(CallFinished(
+            time=time.time(), call_id=state.request_id, command=state.command,
+            duration=time.perf_counter() - started, ok=error is None,
+            error_type=None if error is None else type(error).__name__,
+            error_message=None if error is None else str(error), result=result,
+            output=state.output.getvalue() if state.output is not None else "",
+            trace=() if error is None else tuple(trace_of(error.__traceback__)),
+        ))  # fmt: skip
+        if error is None and state.session_id:
+            self.events.emit(
+                SessionChanged(time.time(), state.session_id, "saved", dict(state.session))
+            )
+
+    def _send_answer(
+        self, state: CallState, msg: dict[str, Any], media: dict[str, bytes]
+    ) -> None:
         try:
             try:
                 self.transport.send(msg, media)
