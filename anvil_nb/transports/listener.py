@@ -58,29 +58,50 @@ def add_accept_handler(
     event loop); errors are logged through *limiter*, one line per ``limits.log_interval``.
     Returns a function that stops accepting.
     """
-    io_loop = IOLoop.current()
-    quiet = limiter or RateLimiter(limits.log_interval)
-    state: dict[str, Any] = {"removed": False, "listening": True, "timer": None}
+    acceptor = _Acceptor(sock, callback, limits, limiter or RateLimiter(limits.log_interval))
+    acceptor.listen()
+    return acceptor.remove
 
-    def accept_ready(fd: Any, events: int) -> None:  # noqa: ARG001
+
+class _Acceptor:
+    """The accept loop of one listening socket, with its back-off (see add_accept_handler)."""
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        callback: Callable[[socket.socket, Any], None],
+        limits: Limits,
+        quiet: RateLimiter,
+    ):
+        self.sock, self.callback, self.limits, self.quiet = sock, callback, limits, quiet
+        self.io_loop = IOLoop.current()
+        self.removed = False
+        self.listening = False
+        self.timer: Any = None
+
+    def listen(self) -> None:
+        self.listening = True
+        self.io_loop.add_handler(self.sock, self.accept_ready, IOLoop.READ)
+
+    def accept_ready(self, fd: Any, events: int) -> None:  # noqa: ARG002
         for _ in range(ACCEPTS_PER_EVENT):
-            if state["removed"]:
+            if self.removed:
                 return
             try:
-                connection, address = sock.accept()
+                connection, address = self.sock.accept()
             except BlockingIOError:
                 return  # everything waiting has been accepted
             except ConnectionAbortedError:
                 continue  # closed while still in the backlog
             except OSError as exc:
-                pause(exc)
+                self.pause(exc)
                 return
-            callback(connection, address)
+            self.callback(connection, address)
 
-    def pause(exc: OSError) -> None:
-        backoff = max(limits.accept_backoff, 0.01)
+    def pause(self, exc: OSError) -> None:
+        backoff = max(self.limits.accept_backoff, 0.01)
         what = "out of resources" if exc.errno in RESOURCE_ERRORS else "accept error"
-        quiet.warning(
+        self.quiet.warning(
             log,
             "accept",
             "cannot accept connections (%s: %s); not accepting for %g s",
@@ -88,30 +109,25 @@ def add_accept_handler(
             exc.strerror or exc,
             backoff,
         )
-        io_loop.remove_handler(sock)
-        state["listening"] = False
-        state["timer"] = io_loop.call_later(backoff, resume)
+        self.io_loop.remove_handler(self.sock)
+        self.listening = False
+        self.timer = self.io_loop.call_later(backoff, self.resume)
 
-    def resume() -> None:
-        state["timer"] = None
-        if state["removed"]:
+    def resume(self) -> None:
+        self.timer = None
+        if not self.removed:
+            self.listen()
+
+    def remove(self) -> None:
+        if self.removed:
             return
-        state["listening"] = True
-        io_loop.add_handler(sock, accept_ready, IOLoop.READ)
-
-    def remove() -> None:
-        if state["removed"]:
-            return
-        state["removed"] = True
-        if state["timer"] is not None:
-            io_loop.remove_timeout(state["timer"])
-            state["timer"] = None
-        if state["listening"]:
-            io_loop.remove_handler(sock)
-            state["listening"] = False
-
-    io_loop.add_handler(sock, accept_ready, IOLoop.READ)
-    return remove
+        self.removed = True
+        if self.timer is not None:
+            self.io_loop.remove_timeout(self.timer)
+            self.timer = None
+        if self.listening:
+            self.io_loop.remove_handler(self.sock)
+            self.listening = False
 
 
 class HTTPServer(tornado.httpserver.HTTPServer):
