@@ -204,36 +204,40 @@ class _Encoder:
         name = portable.name_of_class(t)
         if name is not None:
             return self.enc_portable(v, t, name, depth)
+        entry = self.wire_entry(v)
+        if entry is not None:
+            self.entry(entry)
+            return None
+        return self.enc_plain_subclass(v, t, depth)
+
+    def wire_entry(self, v: Any) -> dict[str, Any] | None:
+        """The ``objects`` entry of a value that travels as one of the wire's own types."""
         if isinstance(v, dt.datetime):
-            self.entry({"type": ["DateTime"], "value": _format_datetime(v)})
-            return None
+            return {"type": ["DateTime"], "value": _format_datetime(v)}
         if isinstance(v, dt.date):
-            self.entry({"type": ["Date"], "value": f"{v.year:04d}-{v.month:02d}-{v.day:02d}"})
-            return None
+            return {"type": ["Date"], "value": f"{v.year:04d}-{v.month:02d}-{v.day:02d}"}
         if isinstance(v, Capability):
             self.caps.append(v)
             entry: dict[str, Any] = {"type": ["Capability"], "scope": v._scope, "mac": v._mac}
             if v._narrow:
                 entry["narrow"] = v._narrow
-            self.entry(entry)
-            return None
+            return entry
         if isinstance(v, LazyMedia):
-            self.entry(dict(v._spec))
-            return None
+            return dict(v._spec)
         if isinstance(v, Media):
             media_id = self.new_media_id()
             self.media.append((media_id, v))
-            self.entry(
-                {"type": ["DataMedia"], "mime-type": v.content_type, "name": v.name, "id": media_id}
-            )
-            return None
+            return {"type": ["DataMedia"], "mime-type": v.content_type, "name": v.name, "id": media_id}
         if isinstance(v, LiveObjectProxy):
-            self.entry(v._to_wire(self.lo_methods))
-            return None
+            return v._to_wire(self.lo_methods)
         if isinstance(v, type) and portable.name_of_class(v) is not None:
-            self.entry({"type": ["ClassType"], "typeName": portable.name_of_class(v)})
-            return None
-        # Subclasses of the plain types (IntEnum, str mix-in enums, ...) travel as their value.
+            return {"type": ["ClassType"], "typeName": portable.name_of_class(v)}
+        return None
+
+    def enc_plain_subclass(self, v: Any, t: type, depth: int) -> Any:
+        """Subclasses of the plain types (IntEnum, str mix-in enums, namedtuples, ...) and numpy
+        scalars and arrays travel as their plain value; anything else is refused.
+        """
         if isinstance(v, str):
             return str.__str__(v)
         if isinstance(v, int):
@@ -245,11 +249,8 @@ class _Encoder:
         if isinstance(v, (list, tuple)):  # namedtuples, list subclasses
             return self.enc_container(v, False, depth)
         numpy = sys.modules.get("numpy")
-        if numpy is not None:
-            if isinstance(v, numpy.generic):
-                return self.enc(v.item(), depth)
-            if isinstance(v, numpy.ndarray):
-                return self.enc(v.tolist(), depth)
+        if numpy is not None and isinstance(v, (numpy.generic, numpy.ndarray)):
+            return self.enc(v.item() if isinstance(v, numpy.generic) else v.tolist(), depth)
         for base in t.__mro__[1:]:
             base_name = portable.name_of_class(base)
             if base_name is not None:
