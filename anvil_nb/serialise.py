@@ -454,45 +454,15 @@ def _apply_entries(
     capabilities: list[Capability] | None,
     lo_methods: dict[str, Any],
 ) -> SerializationInfo | None:
-    info: SerializationInfo | None = None  # built from vt_global once its own entries are applied
-    shared_info = SerializationInfo(remote_is_trusted=remote_is_trusted)  # inside vt_global
-    shared_info._tx_enabled = False
+    infos = _Infos(root, remote_is_trusted)
     for entry in objects:
-        if not isinstance(entry, dict):
-            raise SerializationError(
-                f"each entry of 'objects' must be a dict, not {type(entry).__name__}"
-            )
-        types = entry.get("type")
-        path = entry.get("path")
-        if not isinstance(types, list) or not types or not isinstance(path, list) or not path:
-            raise SerializationError(
-                f"malformed entry in 'objects' (needs a type list and a path): {entry!r:.200}"
-            )
+        types, path = _entry_parts(entry)
         parent, key = _walk(root, path)
         for t in types:
             if not isinstance(t, str):
                 continue
             if t in {"ValueType", "ClassType"}:
-                name = entry.get("typeName")
-                cls = portable.class_for_name(name) if isinstance(name, str) else None
-                if cls is None:
-                    raise SerializationError(
-                        f"No such portable class: {name!r} at {format_path(path)}; register it with "
-                        f"@server.portable_class({name!r}) on this side too"
-                    )
-                if t == "ClassType":
-                    parent[key] = cls
-                else:
-                    if path[0] == "vt_global":
-                        use = shared_info
-                    else:
-                        if info is None:
-                            info = SerializationInfo(
-                                root.get("vt_global"), remote_is_trusted=remote_is_trusted
-                            )
-                        use = info
-                    use._default_key = name
-                    parent[key] = _rebuild(cls, parent[key], use, path)
+                parent[key] = _portable_value(t, entry, parent[key], path, infos)
                 break
             value = _rebuild_value(t, entry, media, lo_methods, path)
             if value is not _UNKNOWN:
@@ -504,7 +474,57 @@ def _apply_entries(
             raise SerializationError(
                 f"Cannot accept an object of type {types[0]!r} at {format_path(path)}"
             )
-    return info
+    return infos.main
+
+
+def _entry_parts(entry: Any) -> tuple[list[Any], list[Any]]:
+    """The type list and path of an ``objects`` entry, or a SerializationError."""
+    if not isinstance(entry, dict):
+        raise SerializationError(
+            f"each entry of 'objects' must be a dict, not {type(entry).__name__}"
+        )
+    types, path = entry.get("type"), entry.get("path")
+    if not isinstance(types, list) or not types or not isinstance(path, list) or not path:
+        raise SerializationError(
+            f"malformed entry in 'objects' (needs a type list and a path): {entry!r:.200}"
+        )
+    return types, path
+
+
+class _Infos:
+    """The SerializationInfo of a message: one for values inside ``vt_global`` (no
+    transmission of shared values from there), and one for the rest, built from ``vt_global``
+    once its own entries have been applied (so on first use).
+    """
+
+    def __init__(self, root: dict[str, Any], remote_is_trusted: bool):
+        self.root, self.trusted = root, remote_is_trusted
+        self.shared = SerializationInfo(remote_is_trusted=remote_is_trusted)
+        self.shared._tx_enabled = False
+        self.main: SerializationInfo | None = None
+
+    def for_path(self, path: list[Any]) -> SerializationInfo:
+        if path[0] == "vt_global":
+            return self.shared
+        if self.main is None:
+            self.main = SerializationInfo(self.root.get("vt_global"), remote_is_trusted=self.trusted)
+        return self.main
+
+
+def _portable_value(t: str, entry: dict[str, Any], data: Any, path: list[Any], infos: _Infos) -> Any:
+    """A ``ClassType`` entry's class, or a ``ValueType`` entry's object rebuilt from *data*."""
+    name = entry.get("typeName")
+    cls = portable.class_for_name(name) if isinstance(name, str) else None
+    if cls is None:
+        raise SerializationError(
+            f"No such portable class: {name!r} at {format_path(path)}; register it with "
+            f"@server.portable_class({name!r}) on this side too"
+        )
+    if t == "ClassType":
+        return cls
+    info = infos.for_path(path)
+    info._default_key = name  # type: ignore[assignment]
+    return _rebuild(cls, data, info, path)
 
 
 _UNKNOWN = object()
