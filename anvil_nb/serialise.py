@@ -537,43 +537,46 @@ def _rebuild_value(
     lo_methods: dict[str, Any],
     path: list[Any],
 ) -> Any:
+    reader = _READERS.get(t)
+    if reader is None:
+        return _UNKNOWN
     try:
-        if t == "Long":
-            return _parse_long(entry.get("value"))
-        if t == "Float":
-            return _FLOATS[entry.get("value")]  # type: ignore[index]
-        if t == "Date":
-            return _parse_date(entry["value"]) if entry.get("value") else None
-        if t == "DateTime":
-            return _parse_datetime(entry["value"]) if entry.get("value") else None
-        if t == "Capability":
-            scope, mac, narrow = entry.get("scope"), entry.get("mac"), entry.get("narrow")
-            if mac is not None and not isinstance(mac, str):
-                raise TypeError("mac must be a string or null")
-            return Capability(scope, mac, narrow if narrow else None)
-        if t == "DataMedia":
-            media_id = entry.get("id")
-            content = (
-                media.get(media_id) if media is not None and isinstance(media_id, str) else None
-            )
-            if content is None:
-                raise KeyError(f"no content arrived for media {media_id!r}")
-            return BlobMedia(
-                str(entry.get("mime-type") or "application/octet-stream"),
-                content,
-                entry.get("name"),
-            )
-        if t == "LazyMedia":
-            return LazyMedia(entry)
-        if t == "LiveObject":
-            return LiveObjectProxy._from_wire(entry, lo_methods)
-        if t == "Primitive":
-            return entry.get("value")
+        return reader(entry, media, lo_methods)
     except SerializationError:
         raise
     except (TypeError, ValueError, KeyError, IndexError) as exc:
         raise SerializationError(f"Cannot rebuild a {t} at {format_path(path)}: {exc}") from exc
-    return _UNKNOWN
+
+
+def _read_capability(entry: dict[str, Any], *_: Any) -> Capability:
+    scope, mac, narrow = entry.get("scope"), entry.get("mac"), entry.get("narrow")
+    if mac is not None and not isinstance(mac, str):
+        raise TypeError("mac must be a string or null")
+    return Capability(scope, mac, narrow if narrow else None)
+
+
+def _read_data_media(entry: dict[str, Any], media: Mapping[str, bytes] | None, *_: Any) -> Any:
+    media_id = entry.get("id")
+    content = media.get(media_id) if media is not None and isinstance(media_id, str) else None
+    if content is None:
+        raise KeyError(f"no content arrived for media {media_id!r}")
+    return BlobMedia(
+        str(entry.get("mime-type") or "application/octet-stream"), content, entry.get("name")
+    )
+
+
+#: How each wire type of an ``objects`` entry is read: ``reader(entry, media, lo_methods)``.
+_READERS: dict[str, Callable[..., Any]] = {
+    "Long": lambda e, *_: _parse_long(e.get("value")),
+    "Float": lambda e, *_: _FLOATS[e.get("value")],
+    "Date": lambda e, *_: _parse_date(e["value"]) if e.get("value") else None,
+    "DateTime": lambda e, *_: _parse_datetime(e["value"]) if e.get("value") else None,
+    "Capability": _read_capability,
+    "DataMedia": _read_data_media,
+    "LazyMedia": lambda e, *_: LazyMedia(e),
+    "LiveObject": lambda e, _media, lo_methods: LiveObjectProxy._from_wire(e, lo_methods),
+    "Primitive": lambda e, *_: e.get("value"),
+}
 
 
 def _walk(root: dict[str, Any], path: list[Any]) -> tuple[Any, Any]:
