@@ -19,14 +19,16 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import platformdirs
 import pytest
 import tornado.websocket
 
 __all__ = ["ANVIL_UPLINK_VERSION", "Lines", "install_anvil_uplink", "RawWS", "ServeProc", "stop_process", "tail", "wait_until"]
 
 ANVIL_UPLINK_VERSION = "0.7.0"
-REPO = Path(__file__).resolve().parents[1]
-UPLINK_DIR = REPO / ".cache" / f"anvil-uplink-{ANVIL_UPLINK_VERSION}"
+#: Outside the checkout (tests write nothing into it): the user's cache folder, shared with
+#: tutorial 05, which installs the same client the same way.
+UPLINK_DIR = Path(platformdirs.user_cache_dir("anvil_nb")) / f"anvil-uplink-{ANVIL_UPLINK_VERSION}"
 
 
 def tail(path: Path, n: int = 60) -> str:

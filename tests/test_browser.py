@@ -32,8 +32,8 @@ The steps
     caller type and outcome.
 
 Artifacts
-    ``test-artifacts/dashboard.png`` (a screenshot of the notebook with the dashboard) at the end;
-    on a failure, ``test-artifacts/browser-failure.png``, ``browser-failure.html`` (the page) and
+    ``ARTIFACTS/dashboard.png`` (a screenshot of the notebook with the dashboard) at the end;
+    on a failure, ``ARTIFACTS/browser-failure.png``, ``browser-failure.html`` (the page) and
     ``browser-failure-jupyter.log`` (the server's log).
 
 Every wait is bounded: REST polls against a deadline and Playwright's own waits with timeouts,
@@ -49,6 +49,7 @@ import secrets
 import signal
 import subprocess
 import sys
+import tempfile
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -74,7 +75,12 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
-ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
+#: Screenshots and failure pages go outside the checkout (tests write nothing into it):
+#: ``$ANVIL_NB_TEST_ARTIFACTS``, or ``anvil_nb-test-artifacts`` in the temp folder.
+ARTIFACTS = Path(
+    os.environ.get("ANVIL_NB_TEST_ARTIFACTS")
+    or Path(tempfile.gettempdir()) / "anvil_nb-test-artifacts"
+)
 NOTEBOOK = "dashboard.ipynb"
 CELLS = [
     "%load_ext anvil_nb",
@@ -285,7 +291,7 @@ def artifacts_on_failure(page: Page, lab: JupyterLab) -> Iterator[None]:
     try:
         yield
     except BaseException:
-        ARTIFACTS.mkdir(exist_ok=True)
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
         with contextlib.suppress(Exception):
             page.screenshot(path=str(ARTIFACTS / "browser-failure.png"), timeout=5000)
         with contextlib.suppress(Exception):
@@ -370,7 +376,7 @@ def test_the_dashboard_shows_calls_from_an_external_client(
             expect(row).to_contain_text("client_uplink")
 
         table.scroll_into_view_if_needed()
-        ARTIFACTS.mkdir(exist_ok=True)
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
         page.screenshot(path=str(ARTIFACTS / "dashboard.png"))
 
     assert lab.stop() == 0, f"jupyter lab did not stop cleanly on SIGTERM:\n{lab.log()}"

@@ -27,7 +27,7 @@ Cells
 Callers from outside
     ``nb`` agents run anvil_nb's own client (``from anvil_nb import server``) in this venv;
     ``real`` agents run the unmodified ``anvil-uplink`` 0.7.0 from
-    ``.cache/anvil-uplink-0.7.0/`` (installed once by the locked ``pip install --target`` of
+    the user cache folder (installed once by the locked ``pip install --target`` of
     ``tests/test_uplink_real.py``, whose install function is reused here) with ``PYTHONPATH``
     set to it. An agent reads snippets of Python as JSON lines on stdin and answers one JSON
     line per snippet. Both connect with the *client* key, so they are untrusted

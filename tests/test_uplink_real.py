@@ -7,7 +7,8 @@ Python process:
 * ``real`` processes run the unmodified ``anvil-uplink`` 0.7.0 from PyPI. It installs a top-level
   ``anvil`` package, so it never goes into the project's venv: the session fixture
   ``anvil_uplink_dir`` installs it once with ``pip install --target`` into
-  ``.cache/anvil-uplink-0.7.0/`` (git-ignored; a lock file keeps two pytest processes from
+  the user cache folder (``anvil-uplink-0.7.0`` in ``platformdirs.user_cache_dir("anvil_nb")``,
+  outside the checkout; a lock file keeps two pytest processes from
   installing at once), and the scripts that use it run with ``PYTHONPATH`` set to that folder;
 * ``nb`` processes run anvil_nb's own client (``anvil_nb.server.connect``) from the project's
   venv, where ``anvil`` is not importable (each such process checks it).
@@ -45,6 +46,7 @@ import pytest
 from support import Lines as _Lines
 from support import stop_process as _stop
 from support import tail as _tail
+from support import wait_until
 
 REPO = Path(__file__).resolve().parents[1]
 #: Seconds to wait for any one answer from a subprocess.
@@ -888,14 +890,15 @@ def test_errors_keep_their_message_and_unknown_names_are_typed(providers, caller
 
 def _wait_for_log(agent: Agent, pattern: str, timeout: float = WAIT) -> str:
     """Poll *agent*'s log until a line matches *pattern*."""
-    deadline = time.monotonic() + timeout
     rx = re.compile(pattern)
-    while time.monotonic() < deadline:
-        for line in agent.log_path.read_text(errors="replace").splitlines():
-            if rx.search(line):
-                return line
-        threading.Event().wait(0.05)  # polling a file: nothing to block on
-    pytest.fail(f"{agent.name}: no log line matching {pattern!r}\n{agent.diagnostics()}")
+
+    def matching() -> str | None:
+        lines = agent.log_path.read_text(errors="replace").splitlines()
+        return next((line for line in lines if rx.search(line)), None)
+
+    if not wait_until(matching, timeout, interval=0.05):  # polling a file: nothing to block on
+        pytest.fail(f"{agent.name}: no log line matching {pattern!r}\n{agent.diagnostics()}")
+    return matching() or ""
 
 
 CLIENT_REGISTER = (

@@ -11,6 +11,7 @@ import threading
 import time
 
 import pytest
+from support import wait_until
 
 from anvil_nb import _output
 from anvil_nb.capability import Capability
@@ -207,9 +208,7 @@ def test_a_failing_render_is_logged_and_later_renders_still_happen(caplog):
 
     throttle = Throttle(render, interval=0.01)
     throttle.mark()
-    deadline = time.monotonic() + WAIT
-    while not attempts and time.monotonic() < deadline:
-        threading.Event().wait(0.01)  # poll for the first (failing) render, bounded
+    assert wait_until(lambda: attempts, WAIT)  # the first (failing) render
     throttle.mark()
     assert done.wait(WAIT)
     assert "render failed" in caplog.text
@@ -395,10 +394,8 @@ def test_widgets_keep_working_after_the_kernel_reconnects():
         assert back.wait(WAIT)  # the kernel reconnected and registered again
         assert caller.call("ping") == "pong"
         assert [r.outcome for r in feed.calls.rows(function="ping")] == ["ok", "ok"]
-        deadline = time.monotonic() + WAIT
-        while "ping" not in feed.registry.names() and time.monotonic() < deadline:
-            threading.Event().wait(0.01)  # the re-watch's snapshot arrives on the I/O thread
-        assert "ping" in feed.registry.names()  # the snapshot of the re-watch after reconnecting
+        # the snapshot of the re-watch after reconnecting (it arrives on the I/O thread)
+        assert wait_until(lambda: "ping" in feed.registry.names(), WAIT)
     finally:
         feed.unsubscribe()
         kernel.leave()
