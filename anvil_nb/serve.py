@@ -40,14 +40,10 @@ from pathlib import Path
 from typing import Any
 
 import platformdirs
-import tornado.ioloop
-import tornado.netutil
 
-from anvil_nb.app import make_app
 from anvil_nb.apps import DEFAULT_APP, KeyRing, app_name
-from anvil_nb.host import Host
 from anvil_nb.limits import DEFAULT_LIMITS, Limits
-from anvil_nb.transports.listener import HTTPServer
+from anvil_nb.service import HostService
 
 __all__ = ["main", "serve"]
 
@@ -101,19 +97,13 @@ async def serve(args: argparse.Namespace) -> int:
             file=sys.stderr,
             flush=True,
         )
-    limits = limits_from(args)
     _return_large_buffers_to_the_os()
-    host = Host(data_dir=data_dir, call_timeout=args.call_timeout, limits=limits)
-    host.client_key = keys.client_key
-    app = make_app(host, keyring, "/")
-    sockets = tornado.netutil.bind_sockets(args.port, args.host)
-    server = HTTPServer(app, limits=limits, max_body_size=limits.max_frame_bytes)
-    server.add_sockets(sockets)
-    port = sockets[0].getsockname()[1]
+    service = HostService(
+        keyring, data_dir=data_dir, limits=limits_from(args), call_timeout=args.call_timeout
+    )
+    port = service.listen(args.host, args.port)
+    service.start()
     shown = f"[{args.host}]" if ":" in args.host else args.host
-    host.origin = f"http://{shown}:{port}"
-    housekeeping = tornado.ioloop.PeriodicCallback(host.housekeeping, 60_000)
-    housekeeping.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -124,13 +114,8 @@ async def serve(args: argparse.Namespace) -> int:
     )
     await stop.wait()
     log.info("stopping")
-    housekeeping.stop()
-    server.stop()
-    host.close()
-    try:
-        await asyncio.wait_for(server.close_all_connections(), timeout=3)
-    except asyncio.TimeoutError:
-        log.warning("some connections did not close in time")
+    service.stop()
+    await service.close_connections(3.0)
     return 0
 
 

@@ -43,12 +43,13 @@ from jupyter_server.extension.application import ExtensionApp
 from tornado import web
 from traitlets import Bool, Dict, TraitError, Unicode, default, validate
 
-from anvil_nb.app import Handlers, routes
+from anvil_nb.app import Handlers
 from anvil_nb.apps import DEFAULT_APP, KeyRing
 from anvil_nb.handlers import admin_state, apps_state, no_app, no_endpoint
 from anvil_nb.host import Host
 from anvil_nb.limits import DEFAULT_LIMITS, Limits
 from anvil_nb.serve import default_data_dir
+from anvil_nb.service import HostService
 from anvil_nb.transports.uplink_ws import BrowserHandler, UplinkHandler
 
 __all__ = ["AnvilNB"]
@@ -195,8 +196,8 @@ class AnvilNB(ExtensionApp):
         self.keys = KeyRing(data_dir, self.server_key or None, self.client_key or None)
         if self.keys.generated_default:
             self.log.info("anvil_nb: generated uplink keys, kept in %s", data_dir / "keys.json")
-        self.host = Host(data_dir=data_dir, limits=self.host_limits())
-        self.host.client_key = self.keys.default.client_key
+        self.service = HostService(self.keys, data_dir=data_dir, limits=self.host_limits())
+        self.host = self.service.host
         self.settings["anvil_nb_host"] = self.host
 
     def initialize_handlers(self) -> None:
@@ -208,7 +209,7 @@ class AnvilNB(ExtensionApp):
             admin_state=JupyterAdminStateHandler,
             admin_apps=JupyterAdminAppsHandler,
         )
-        self.handlers.extend(routes(self.host, self.keys, PREFIX, handlers, public=self.public))
+        self.handlers.extend(self.service.routes(PREFIX, handlers, public=self.public))
 
     def uplink_url(self) -> str:
         """The URL kernels and scripts on this machine use to reach the uplink route."""
@@ -226,10 +227,11 @@ class AnvilNB(ExtensionApp):
         os.environ["ANVIL_NB_URL"] = self.uplink_url()
         os.environ["ANVIL_NB_SERVER_KEY"] = self.keys.default.server_key
         os.environ["ANVIL_NB_ROOT"] = str(self.serverapp.root_dir)  # notebook paths -> app names
+        self.service.start()  # housekeeping, on the server's loop
         self.log.info("anvil_nb: host ready; uplinks connect to %s", self.uplink_url())
 
     async def stop_extension(self) -> None:
         """Stop the host with the server: calls in flight fail, connections close."""
-        self.host.close()
-        for name in ("ANVIL_NB_URL", "ANVIL_NB_SERVER_KEY"):
+        self.service.stop()
+        for name in ("ANVIL_NB_URL", "ANVIL_NB_SERVER_KEY", "ANVIL_NB_ROOT"):
             os.environ.pop(name, None)

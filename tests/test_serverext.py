@@ -686,3 +686,8 @@ async def test_limits_are_configurable_and_checked(
         ext.limits = {"ping": 1}
     with pytest.raises(TraitError, match="must be a positive number"):
         ext.limits = {"ping_timeout": -1}
+
+
+async def test_the_host_service_keeps_house_on_the_servers_loop(server: Any):
+    service = anvil_extension(server).service
+    assert service._housekeeping is not None and service._housekeeping.is_running()

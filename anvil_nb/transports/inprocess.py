@@ -76,18 +76,13 @@ class HostThread:
         host's limits before the upgrade too (idle and half-sent requests are closed after
         ``handshake_timeout``; accept errors back off instead of spinning).
         """
-        import tornado.netutil  # noqa: PLC0415 - only the embedded listener needs tornado
-
-        from anvil_nb.app import make_app  # noqa: PLC0415
-        from anvil_nb.transports.listener import HTTPServer  # noqa: PLC0415
+        from anvil_nb.apps import KeyRing  # noqa: PLC0415
+        from anvil_nb.service import HostService  # noqa: PLC0415 - only listening needs tornado
 
         def start() -> int:
-            sockets = tornado.netutil.bind_sockets(port, address)
-            self._http = HTTPServer(make_app(self.host, keys), limits=self.host.limits)
-            self._http.add_sockets(sockets)
-            bound = sockets[0].getsockname()[1]
-            self.host.origin = f"http://{address}:{bound}"
-            self.host.client_key = keys.client_key
+            self._service = HostService(KeyRing.of(keys), self.host)
+            bound = self._service.listen(address, port)
+            self._service.start()
             return bound
 
         return self.run(start)
@@ -104,10 +99,11 @@ class HostThread:
             self._thread.join(5)
 
     def _close_all(self) -> None:
-        http = getattr(self, "_http", None)
-        if http is not None:
-            http.stop()
-        self.host.close()
+        service = getattr(self, "_service", None)
+        if service is not None:
+            service.stop()  # the listener, the housekeeping, then the host
+        else:
+            self.host.close()
 
 
 class _Peer:
