@@ -26,6 +26,7 @@ from support import RawWS, ServeProc, stop_process, tail
 
 from anvil_nb.apps import DEFAULT_APP, KeyRing, Keys, app_name
 from anvil_nb.client import Client, FunctionRegistry
+from anvil_nb.errors import PermissionDenied
 from anvil_nb.transports.websocket import WebSocketTransport
 
 WAIT = 30.0
@@ -275,3 +276,59 @@ def test_the_front_door_shows_an_apps_name_uplink_url_and_functions(books_host):
         assert "(none yet)" in response.read().decode()  # default serves nothing here
     with pytest.raises(urllib.error.HTTPError, match="404"):
         urllib.request.urlopen(f"{host.http_url}app/nowhere/", timeout=WAIT)
+
+
+@pytest.mark.parametrize(
+    "wanted",
+    [5, ["books"], {"a": 1}, "", "!!!", "x" * 100_000],
+    ids=["int", "list", "dict", "empty", "symbols", "huge"],
+)
+def test_a_hostile_app_name_in_a_hello_is_refused_with_a_clear_error(serve_proc, wanted):
+    host: ServeProc = serve_proc()
+    ws = RawWS(host.url)
+    try:
+        ws.send({"key": host.server_key, "v": 8, "kind": "server_module", "app": wanted})
+        if isinstance(wanted, str) and len(wanted) > 64:
+            reply = ws.recv()  # a long name is cut to 64 characters, not refused
+            assert reply.get("auth") == "OK", reply
+            assert (host.data_dir / "apps" / ("x" * 64) / "keys.json").exists()
+            return
+        reply = ws.recv()
+        assert "Invalid app name" in reply["error"] and len(reply["error"]) < 600, reply
+        assert ws.closed()
+        assert not (host.data_dir / "apps").exists()  # nothing was made
+    finally:
+        ws.close()
+
+
+def test_an_app_in_a_client_keys_hello_is_ignored(serve_proc):
+    host: ServeProc = serve_proc()
+    ws = RawWS(host.url)
+    try:
+        ws.send({"key": host.client_key, "v": 8, "app": "books"})
+        assert ws.recv()["priv"] == "client"
+        assert admin(host, "?app=books")[0] == 404  # no app was made
+        kinds = [p["kind"] for p in admin(host)[1]["peers"]]
+        assert kinds == ["client_uplink"]  # it joined default, its key's app
+    finally:
+        ws.close()
+
+
+def test_reported_portable_classes_are_bounded_and_trusted_only(books_host):
+    host, books, shelf = books_host
+    assert shelf.call("anvil.private.report_classes", [f"c{i}" * 300 for i in range(5000)]) == 1000
+    request = urllib.request.Request(
+        f"{host.http_url}_/admin/apps", headers={"Authorization": f"Bearer {host.server_key}"}
+    )
+    with urllib.request.urlopen(request, timeout=WAIT) as response:
+        (listed,) = [a for a in json.loads(response.read()) if a["app"] == "books"]
+    assert len(listed["portable_classes"]) == 1000  # at most 1,000 names
+    assert max(len(n) for n in listed["portable_classes"]) <= 200  # each clipped
+    with pytest.raises(Exception, match="list of names"):
+        shelf.call("anvil.private.report_classes", "not a list")
+    caller = Client(WebSocketTransport(host.url, books["client_key"]), functions=FunctionRegistry())
+    try:
+        with pytest.raises(PermissionDenied):
+            caller.start().call("anvil.private.report_classes", ["x"])
+    finally:
+        caller.close()
