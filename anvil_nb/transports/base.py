@@ -16,7 +16,12 @@ from typing import Any
 
 from anvil_nb import protocol
 
-__all__ = ["KEY_REFUSALS", "MessageHandler", "Transport"]
+__all__ = [
+    "KEY_REFUSALS",
+    "MessageHandler",
+    "Transport",
+    "retrieve",
+]
 
 MessageHandler = Callable[[dict[str, Any], Mapping[str, bytes]], None]
 
@@ -57,3 +62,14 @@ class Transport(ABC):
     @abstractmethod
     def close(self) -> None:
         """Close the connection for good; ``on_close`` is called once more if it was up."""
+
+
+def retrieve(future: Any) -> None:
+    """Mark a write's outcome as seen, now or when it is done (a write to a closed connection
+    fails its future; the connection's reader handles the close, so nothing else needs it).
+    """
+    if future.done():
+        if not future.cancelled():
+            future.exception()
+    else:
+        future.add_done_callback(retrieve)

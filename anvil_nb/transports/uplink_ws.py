@@ -37,6 +37,7 @@ from anvil_nb.apps import DEFAULT_APP, KeyRing, Keys, app_name
 from anvil_nb.errors import ProtocolError
 from anvil_nb.host import Host
 from anvil_nb.logs import RateLimiter, clip
+from anvil_nb.transports.base import retrieve
 
 __all__ = ["BrowserHandler", "Keys", "UplinkHandler", "WebSocketPeer"]
 
@@ -58,11 +59,6 @@ def _quiet(host: Host) -> RateLimiter:
     if limiter is None:
         limiter = _limiters[host] = RateLimiter(host.limits.log_interval)
     return limiter
-
-
-def _retrieve(future: asyncio.Future[Any]) -> None:
-    """Retrieve *future*'s exception once it is done (a write to a closed connection)."""
-    future.add_done_callback(lambda f: f.cancelled() or f.exception())
 
 
 class WebSocketPeer:
@@ -348,7 +344,7 @@ class UplinkHandler(tornado.websocket.WebSocketHandler):
             return
         text = clip(text, MAX_FATAL_CHARS)
         with contextlib.suppress(tornado.websocket.WebSocketClosedError):
-            _retrieve(self.write_message(protocol.encode(protocol.fatal(text))))
+            retrieve(self.write_message(protocol.encode(protocol.fatal(text))))
         self.close_after_fatal(text)
 
     def close_after_fatal(self, reason: str) -> None:

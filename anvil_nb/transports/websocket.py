@@ -35,7 +35,7 @@ import tornado.websocket
 from anvil_nb import protocol
 from anvil_nb.errors import ProtocolError
 from anvil_nb.logs import RateLimiter, clip
-from anvil_nb.transports.base import KEY_REFUSALS, MessageHandler, Transport
+from anvil_nb.transports.base import KEY_REFUSALS, MessageHandler, Transport, retrieve
 
 __all__ = ["FIRST_RETRY_DELAY", "MAX_RETRY_DELAY", "WebSocketTransport"]
 
@@ -221,18 +221,18 @@ class WebSocketTransport(Transport):
             last = ws.write_message(data)
             if media:
                 for header, chunk in protocol.chunk_media(request_id, media):
-                    _retrieve(ws.write_message(protocol.encode(header)))
-                    _retrieve(last)
+                    retrieve(ws.write_message(protocol.encode(header)))
+                    retrieve(last)
                     last = ws.write_message(chunk, binary=True)
         except tornado.websocket.WebSocketClosedError:
             log.debug("write to %s dropped: connection closed", self.url)
             self._written(size)
             return
         if last.done():  # written straight to the socket: the usual case
-            _retrieve(last)
+            retrieve(last)
             self._written(size)
         else:  # writes complete in order: the last one says the whole message is out
-            last.add_done_callback(lambda f: (_retrieve(f), self._written(size)))
+            last.add_done_callback(lambda f: (retrieve(f), self._written(size)))
 
     def _written(self, size: int) -> None:
         with self._drained:
@@ -347,12 +347,3 @@ class WebSocketTransport(Transport):
         self._loop.call_soon_threadsafe(self._loop.stop)
         if threading.current_thread() is not self._thread:
             self._thread.join(10)
-
-
-def _retrieve(future: Any) -> None:
-    """Mark a write's outcome as seen (a closed connection is handled by the reader)."""
-    if future.done():
-        if not future.cancelled():
-            future.exception()
-    else:
-        future.add_done_callback(_retrieve)
