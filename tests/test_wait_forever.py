@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support import Lines, ServeProc, stop_process, tail
+from support import Lines, ServeProc, stop_process, tail, wait_until
 
 from anvil_nb import server
 from anvil_nb.errors import AppOfflineError
@@ -51,10 +51,21 @@ def test_serves_calls_while_waiting_and_returns_when_disconnected() -> None:
     answers: list[str] = []
     disconnecting: list[float] = []
 
+    waiter = threading.get_ident()
+
+    def in_wait_forever() -> bool:
+        frame = sys._current_frames().get(waiter)
+        while frame is not None and frame.f_code.co_name != "wait_forever":
+            frame = frame.f_back
+        return frame is not None
+
     def from_another_thread() -> None:
-        answers.append(server.call("ping"))  # served while the main thread waits
-        disconnecting.append(time.monotonic())
-        server.disconnect()
+        try:
+            if wait_until(in_wait_forever, WAIT):  # the test's thread is blocked in it now
+                answers.append(server.call("ping"))  # served while that thread waits
+        finally:
+            disconnecting.append(time.monotonic())
+            server.disconnect()  # always: the test's thread must not wait forever
 
     helper = threading.Thread(target=from_another_thread, daemon=True)
     helper.start()
