@@ -23,20 +23,20 @@ __all__ = ["__version__"]
 
 def _jupyter_server_extension_points() -> list[dict[str, object]]:
     """The server extension ``anvil_nb`` (imported only when Jupyter asks)."""
-    from anvil_nb.serverext import AnvilNB  # noqa: PLC0415 - keep `import anvil_nb` light
+    from anvil_nb.jupyter.serverext import AnvilNB  # noqa: PLC0415 - keep `import anvil_nb` light
 
-    return [{"module": "anvil_nb.serverext", "app": AnvilNB}]
+    return [{"module": "anvil_nb.jupyter.serverext", "app": AnvilNB}]
 
 
 def load_ipython_extension(ipython: object) -> None:
     """``%load_ext anvil_nb``: join a host (or start one in the kernel) and add the magics."""
-    from anvil_nb.magics import load  # noqa: PLC0415
+    from anvil_nb.jupyter.magics import load  # noqa: PLC0415
 
     load(ipython)
 
 
 def unload_ipython_extension(ipython: object) -> None:
     """``%unload_ext anvil_nb``: leave the host; this kernel's registrations go with it."""
-    from anvil_nb.magics import unload  # noqa: PLC0415
+    from anvil_nb.jupyter.magics import unload  # noqa: PLC0415
 
     unload(ipython)

@@ -23,11 +23,11 @@ import contextlib
 from collections.abc import Callable, Iterator, MutableMapping
 from typing import Any, TypeVar, overload
 
-from anvil_nb import _runtime
-from anvil_nb.capability import Capability, unwrap_capability
-from anvil_nb.client import Client, current_call, functions, reset_current_session
-from anvil_nb.context import CallContext, ClientInfo, Location, StackFrame
-from anvil_nb.errors import (
+from anvil_nb import runtime
+from anvil_nb.client.client import Client, current_call, functions, reset_current_session
+from anvil_nb.core.capability import Capability, unwrap_capability
+from anvil_nb.core.context import CallContext, ClientInfo, Location, StackFrame
+from anvil_nb.core.errors import (
     AnvilError,
     AnvilWrappedError,
     AppOfflineError,
@@ -47,7 +47,7 @@ from anvil_nb.errors import (
     TimeoutError,
     UplinkDisconnectedError,
 )
-from anvil_nb.portable import SerializationInfo, portable_class
+from anvil_nb.core.portable import SerializationInfo, portable_class
 
 __all__ = [
     "AnvilError",
@@ -149,7 +149,7 @@ def _client() -> Client:
     state = current_call()
     if state is not None:
         return state.client
-    client = _runtime.current_client()
+    client = runtime.current_client()
     assert client is not None
     return client
 
@@ -194,7 +194,7 @@ def connect(
 
     From then on this process stays with that host and never starts an embedded one. Calls
     in flight when the connection drops fail with ``UplinkDisconnectedError``; calls made
-    while it is down wait for it to come back, at most ``anvil_nb.client.OFFLINE_WAIT``
+    while it is down wait for it to come back, at most ``anvil_nb.client.client.OFFLINE_WAIT``
     seconds (10 by default; set it before connecting), then fail with ``AppOfflineError``
     naming the host. After a refused key every call fails at once with
     ``AppOfflineError("Anvil fatal error: Incorrect uplink key")``.
@@ -219,16 +219,16 @@ def connect(
         yet is then left without one (its calls raise this error too; it does not fall back
         to an embedded host); one that had a connection keeps it.
     """
-    from anvil_nb.transports.websocket import WebSocketTransport  # noqa: PLC0415 - loads tornado
+    from anvil_nb.client.websocket import WebSocketTransport  # noqa: PLC0415 - loads tornado
 
     client = Client(WebSocketTransport(url, key, extra_headers=extra_headers))
     try:
         client.start()
     except AppOfflineError:
-        if _runtime.current_client(start=False) is None:
-            _runtime.set_client(client if client.fatal is not None else None, remote=url)
+        if runtime.current_client(start=False) is None:
+            runtime.set_client(client if client.fatal is not None else None, remote=url)
         raise
-    _runtime.set_client(client, remote=url)
+    runtime.set_client(client, remote=url)
     if not quiet:
         role = "SERVER" if client.own_type == "uplink" else "CLIENT"
         print(f"Connected to {url} as {role}", flush=True)
@@ -242,10 +242,10 @@ def disconnect() -> None:
     Everything ends: calls in flight fail, and the process is as if it had never connected
     (a later ``server.call`` starts an embedded host, a later ``connect`` joins a host).
     """
-    from anvil_nb import kernel  # noqa: PLC0415 - a kernel that joined with %load_ext leaves properly
+    from anvil_nb.jupyter import kernel  # noqa: PLC0415 - a kernel that joined with %load_ext leaves properly
 
     kernel.leave()
-    _runtime.disconnect()
+    runtime.disconnect()
 
 
 def wait_forever() -> None:
@@ -273,10 +273,10 @@ def wait_forever() -> None:
     AppOfflineError
         Joining the host failed, or the host refused the key (also while waiting).
     """
-    client = _runtime.current_client(start=False)
+    client = runtime.current_client(start=False)
     if client is None:
-        if _runtime.joined_url() is not None:
-            _runtime.current_client()  # raises the AppOfflineError that says joining failed
+        if runtime.joined_url() is not None:
+            runtime.current_client()  # raises the AppOfflineError that says joining failed
         raise RuntimeError(
             "server.wait_forever() needs a connection: call server.connect(key, url=...) first"
         )
@@ -284,7 +284,7 @@ def wait_forever() -> None:
         if client.fatal is not None:
             raise AppOfflineError(f"Anvil fatal error: {client.fatal}")
         if client.closed:
-            current = _runtime.current_client(start=False)
+            current = runtime.current_client(start=False)
             if current is None or current is client:
                 return  # server.disconnect(): the process has no connection any more
             client = current  # server.connect(...) replaced it: wait on the new one
@@ -301,7 +301,7 @@ def wait_forever() -> None:
 
 
 def _default_context() -> CallContext:
-    client = _runtime.current_client(start=False)
+    client = runtime.current_client(start=False)
     return CallContext(type=client.own_type if client is not None else "server_module")
 
 
@@ -372,7 +372,7 @@ def reset_session() -> None:
 
 def is_app_online() -> bool:
     """Whether this process is connected to its host now (False while it reconnects)."""
-    client = _runtime.current_client(start=False)
+    client = runtime.current_client(start=False)
     return client is not None and client.connected
 
 

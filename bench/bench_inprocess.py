@@ -16,10 +16,10 @@ import time
 
 import orjson
 
-from anvil_nb.client import Client, FunctionRegistry
-from anvil_nb.portable import portable_class
-from anvil_nb.serialise import deserialise, serialise
-from anvil_nb.transports.inprocess import HostThread
+from anvil_nb.client.client import Client, FunctionRegistry
+from anvil_nb.core.portable import portable_class
+from anvil_nb.core.serialise import deserialise, serialise
+from anvil_nb.host.inprocess import HostThread
 
 
 @portable_class("bench.Point")

@@ -57,8 +57,8 @@ from typing import Any
 
 from relay_floor import FloorCaller
 
-from anvil_nb.client import Client, FunctionRegistry
-from anvil_nb.transports.websocket import WebSocketTransport
+from anvil_nb.client.client import Client, FunctionRegistry
+from anvil_nb.client.websocket import WebSocketTransport
 
 HERE = Path(__file__).resolve().parent
 PYTHON = sys.executable

@@ -12,7 +12,7 @@ import gc
 import time
 import tracemalloc
 
-from anvil_nb.events import CallFinished, CallStarted, EventBus, SessionChanged
+from anvil_nb.core.events import CallFinished, CallStarted, EventBus, SessionChanged
 from anvil_nb.widgets import Feed, dashboard
 
 

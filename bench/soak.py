@@ -96,8 +96,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from anvil_nb.client import Client, FunctionRegistry
-from anvil_nb.transports.websocket import WebSocketTransport
+from anvil_nb.client.client import Client, FunctionRegistry
+from anvil_nb.client.websocket import WebSocketTransport
 
 PYTHON = sys.executable
 MIB = 1024 * 1024
@@ -355,8 +355,8 @@ PROVIDER = textwrap.dedent(
     '''
     """The soak's provider: serves echo/slow/blob/stats with the server key until stdin closes."""
     import os, signal, sys, threading, time
-    from anvil_nb.client import Client, FunctionRegistry
-    from anvil_nb.transports.websocket import WebSocketTransport
+    from anvil_nb.client.client import Client, FunctionRegistry
+    from anvil_nb.client.websocket import WebSocketTransport
 
     url, key, marker, names = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4].split(",")
     lock = threading.Lock()
@@ -1099,7 +1099,7 @@ def scenario_load(run: Run) -> None:
 def scenario_slow(run: Run) -> None:
     s, report = "slow", run.report
     window = run.long(0.1, 8)
-    bound = 32 * MIB  # anvil_nb.limits.Limits.max_queued_bytes default
+    bound = 32 * MIB  # anvil_nb.core.limits.Limits.max_queued_bytes default
     flags = ["--max-queued-bytes", str(bound)] if run.has("--max-queued-bytes") else []
     pipelined = 300
     for n in (1, 4):

@@ -21,10 +21,11 @@ from hypothesis import settings
 from hypothesis.configuration import set_hypothesis_home_dir
 from support import RawWS, ServeProc, install_anvil_uplink
 
-from anvil_nb import _runtime, portable
-from anvil_nb.client import Client, FunctionRegistry, functions
-from anvil_nb.host import Host
-from anvil_nb.transports.inprocess import HostThread
+from anvil_nb import runtime
+from anvil_nb.client.client import Client, FunctionRegistry, functions
+from anvil_nb.core import portable
+from anvil_nb.host.dispatcher import Host
+from anvil_nb.host.inprocess import HostThread
 
 # Hypothesis keeps no example database and its caches in a temp dir: tests write nothing into
 # the checkout.
@@ -40,7 +41,7 @@ def clean_runtime() -> Iterator[None]:
     names = set(functions.names())
     classes = portable.registered_names()
     yield
-    _runtime.disconnect()
+    runtime.disconnect()
     for name in set(functions.names()) - names:
         functions.unregister(name)
     for name in set(portable.registered_names()) - set(classes):

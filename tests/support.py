@@ -23,7 +23,16 @@ import platformdirs
 import pytest
 import tornado.websocket
 
-__all__ = ["ANVIL_UPLINK_VERSION", "Lines", "install_anvil_uplink", "RawWS", "ServeProc", "stop_process", "tail", "wait_until"]
+__all__ = [
+    "ANVIL_UPLINK_VERSION",
+    "Lines",
+    "install_anvil_uplink",
+    "RawWS",
+    "ServeProc",
+    "stop_process",
+    "tail",
+    "wait_until",
+]
 
 ANVIL_UPLINK_VERSION = "0.7.0"
 #: Outside the checkout (tests write nothing into it): the user's cache folder, shared with

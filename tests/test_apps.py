@@ -24,10 +24,10 @@ from typing import Any
 import pytest
 from support import RawWS, ServeProc, stop_process, tail
 
-from anvil_nb.apps import DEFAULT_APP, KeyRing, Keys, app_name
-from anvil_nb.client import Client, FunctionRegistry
-from anvil_nb.errors import PermissionDenied
-from anvil_nb.transports.websocket import WebSocketTransport
+from anvil_nb.client.client import Client, FunctionRegistry
+from anvil_nb.client.websocket import WebSocketTransport
+from anvil_nb.config import DEFAULT_APP, KeyRing, Keys, app_name
+from anvil_nb.core.errors import PermissionDenied
 
 WAIT = 30.0
 

@@ -61,8 +61,8 @@ import pytest
 from playwright.sync_api import BrowserContext, Page, expect, sync_playwright
 from test_jupyter_e2e import free_port, wait_until
 
-from anvil_nb.client import Client, FunctionRegistry
-from anvil_nb.transports.websocket import WebSocketTransport
+from anvil_nb.client.client import Client, FunctionRegistry
+from anvil_nb.client.websocket import WebSocketTransport
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from anvil_nb.capability import (
+from anvil_nb.core.capability import (
     Capability,
     normalise_scope_key,
     scope_key,

@@ -17,11 +17,12 @@ from typing import Any
 
 import pytest
 
-from anvil_nb import protocol, server
-from anvil_nb.capability import Capability
-from anvil_nb.client import Client, FunctionRegistry, reset_current_session
-from anvil_nb.errors import SerializationError
-from anvil_nb.transports.base import Transport
+from anvil_nb import server
+from anvil_nb.client.client import Client, FunctionRegistry, reset_current_session
+from anvil_nb.core import protocol
+from anvil_nb.core.capability import Capability
+from anvil_nb.core.errors import SerializationError
+from anvil_nb.core.transport import Transport
 
 WAIT = 10.0
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from anvil_nb.context import TRUSTED_TYPES, CallContext, ClientInfo, Location, StackFrame
+from anvil_nb.core.context import TRUSTED_TYPES, CallContext, ClientInfo, Location, StackFrame
 
 #: The browser CALL of PROTOCOL.md §3, exactly.
 BROWSER_CALL: dict[str, Any] = {

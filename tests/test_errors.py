@@ -20,8 +20,9 @@ import traceback
 import pytest
 
 import anvil_nb
-from anvil_nb import errors, server
-from anvil_nb.errors import (
+from anvil_nb import server
+from anvil_nb.core import errors
+from anvil_nb.core.errors import (
     AnvilError,
     AnvilWrappedError,
     PermissionDenied,

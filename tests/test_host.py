@@ -16,9 +16,9 @@ import pytest
 from support import wait_until
 
 from anvil_nb import server
-from anvil_nb.capability import Capability
-from anvil_nb.client import Client, FunctionRegistry
-from anvil_nb.errors import (
+from anvil_nb.client.client import Client, FunctionRegistry
+from anvil_nb.core.capability import Capability
+from anvil_nb.core.errors import (
     AnvilError,
     NoServerFunctionError,
     PermissionDenied,
@@ -28,11 +28,11 @@ from anvil_nb.errors import (
     TimeoutError,
     UplinkDisconnectedError,
 )
-from anvil_nb.events import CallFinished, CallStarted, CapabilityUpdated, RegistrationChanged
-from anvil_nb.host import Host
+from anvil_nb.core.events import CallFinished, CallStarted, CapabilityUpdated, RegistrationChanged
+from anvil_nb.host.dispatcher import Host
+from anvil_nb.host.inprocess import HostThread
+from anvil_nb.host.sessions import SessionManager
 from anvil_nb.media import BlobMedia
-from anvil_nb.sessions import SessionManager
-from anvil_nb.transports.inprocess import HostThread
 
 WAIT = 10.0
 
@@ -640,8 +640,8 @@ def test_concurrent_async_calls_keep_their_own_context(connect):
 
 
 def test_data_dir_keeps_sessions_and_the_mac_key_across_a_restart(tmp_path):
-    from anvil_nb.capability import sign_scope, verify_scope
-    from anvil_nb.sessions import SQLiteSessionStore
+    from anvil_nb.core.capability import sign_scope, verify_scope
+    from anvil_nb.host.sessions import SQLiteSessionStore
 
     first = Host(data_dir=tmp_path)
     assert isinstance(first.sessions.store, SQLiteSessionStore)
@@ -707,7 +707,7 @@ def test_connection_sessions_live_in_memory_and_never_reach_the_store(connect, h
 
 
 def test_unchanged_persistent_session_data_is_not_written_again(tmp_path):
-    from anvil_nb.sessions import SQLiteSessionStore
+    from anvil_nb.host.sessions import SQLiteSessionStore
 
     manager = SessionManager(SQLiteSessionStore(tmp_path / "s.sqlite3"))
     writes = []

@@ -33,9 +33,9 @@ import pytest
 import websocket  # websocket-client, a dependency of jupyter_server
 from support import install_anvil_uplink
 
-from anvil_nb.client import Client, FunctionRegistry
-from anvil_nb.errors import NoServerFunctionError
-from anvil_nb.transports.websocket import WebSocketTransport
+from anvil_nb.client.client import Client, FunctionRegistry
+from anvil_nb.client.websocket import WebSocketTransport
+from anvil_nb.core.errors import NoServerFunctionError
 
 BASE_URL = "/jh/user/"
 START_WAIT = 30.0

@@ -252,7 +252,9 @@ class Kernel:
         return self.value(f"result = _probe({name!r}, *{args!r})")
 
     def status(self) -> dict[str, Any]:
-        return self.value("import anvil_nb.kernel\nresult = anvil_nb.kernel.status()")
+        return self.value(
+            "import anvil_nb.jupyter.kernel\nresult = anvil_nb.jupyter.kernel.status()"
+        )
 
     def load(self) -> Result:
         """``%load_ext anvil_nb`` plus the probe helper; returns the load cell's result."""
@@ -359,7 +361,7 @@ def kernel(module_kernels: Kernels) -> Kernel:
 
 @pytest.fixture(scope="module")
 def status(kernel: Kernel) -> dict[str, Any]:
-    """``anvil_nb.kernel.status()`` of the shared kernel right after ``%load_ext``."""
+    """``anvil_nb.jupyter.kernel.status()`` of the shared kernel right after ``%load_ext``."""
     return kernel.status()
 
 
@@ -937,10 +939,10 @@ def test_a_blocked_cell_still_serves_calls_and_their_output_stays_out(kernel, nb
 def test_call_output_is_on_the_clients_event_bus(kernel, nb_caller):
     kernel.run_ok(
         textwrap.dedent("""
-        from anvil_nb import _runtime
-        from anvil_nb.events import CallFinished
+        from anvil_nb import runtime
+        from anvil_nb.core.events import CallFinished
         _finished = []
-        _unsub = _runtime.current_client(start=False).events.subscribe(
+        _unsub = runtime.current_client(start=False).events.subscribe(
             lambda e: _finished.append(e) if isinstance(e, CallFinished) else None
         )
         """)
@@ -1118,9 +1120,10 @@ def test_server_disconnect_leaves_the_host_like_unload_ext(kernels):
     ],
 )
 def test_a_kernel_joins_the_app_named_after_its_notebook(monkeypatch, session_name, root, app):
-    from anvil_nb import kernel
+    from anvil_nb import config
+    from anvil_nb.jupyter import kernel
 
-    for name, value in ((kernel.ENV_NOTEBOOK, session_name), (kernel.ENV_ROOT, root)):
+    for name, value in ((config.ENV_NOTEBOOK, session_name), (config.ENV_ROOT, root)):
         if value is None:
             monkeypatch.delenv(name, raising=False)
         else:

@@ -15,10 +15,10 @@ import orjson
 import pytest
 from wire_support import assert_same, cross, unique_portable_names
 
-from anvil_nb import portable
-from anvil_nb.errors import SerializationError
-from anvil_nb.portable import SerializationInfo, portable_class
-from anvil_nb.serialise import deserialise, serialise
+from anvil_nb.core import portable
+from anvil_nb.core.errors import SerializationError
+from anvil_nb.core.portable import SerializationInfo, portable_class
+from anvil_nb.core.serialise import deserialise, serialise
 
 unique_name = pytest.fixture(name="unique_name")(unique_portable_names)
 

@@ -53,7 +53,7 @@ import pytest
 from support import Lines, stop_process
 
 from anvil_nb import server
-from anvil_nb.errors import NoServerFunctionError
+from anvil_nb.core.errors import NoServerFunctionError
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 WAIT = 30.0

@@ -24,11 +24,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from wire_support import assert_same, cross, unique_portable_names
 
-from anvil_nb.errors import SerializationError
-from anvil_nb.liveobject import LiveObjectProxy
+from anvil_nb.core.errors import SerializationError
+from anvil_nb.core.liveobject import LiveObjectProxy
+from anvil_nb.core.portable import SerializationInfo, portable_class, unregister
+from anvil_nb.core.serialise import MAX_DEPTH, deserialise, serialise
 from anvil_nb.media import BlobMedia
-from anvil_nb.portable import SerializationInfo, portable_class, unregister
-from anvil_nb.serialise import MAX_DEPTH, deserialise, serialise
 
 DATETIME_LAYOUT = re.compile(r"\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}\.\d{6}[+-]\d{4}")
 INT_LIMIT = 2147483647

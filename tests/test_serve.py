@@ -15,9 +15,9 @@ from typing import Any
 
 import pytest
 
-from anvil_nb.client import Client, FunctionRegistry
-from anvil_nb.errors import RuntimeUnavailableError, UplinkDisconnectedError, error_from_wire
-from anvil_nb.transports.websocket import WebSocketTransport
+from anvil_nb.client.client import Client, FunctionRegistry
+from anvil_nb.client.websocket import WebSocketTransport
+from anvil_nb.core.errors import RuntimeUnavailableError, UplinkDisconnectedError, error_from_wire
 
 WAIT = 15.0
 READY = re.compile(

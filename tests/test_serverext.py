@@ -37,11 +37,11 @@ import tornado.websocket
 from traitlets import TraitError
 from traitlets.config import Config
 
-from anvil_nb import protocol
-from anvil_nb.client import Client, FunctionRegistry, current_call
-from anvil_nb.errors import AppOfflineError, NoServerFunctionError, RuntimeUnavailableError
-from anvil_nb.host import Host
-from anvil_nb.transports.websocket import WebSocketTransport
+from anvil_nb.client.client import Client, FunctionRegistry, current_call
+from anvil_nb.client.websocket import WebSocketTransport
+from anvil_nb.core import protocol
+from anvil_nb.core.errors import AppOfflineError, NoServerFunctionError, RuntimeUnavailableError
+from anvil_nb.host.dispatcher import Host
 
 pytest_plugins = ["pytest_jupyter.jupyter_server"]
 

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import urllib.request
 
-from anvil_nb.apps import Keys
-from anvil_nb.client import Client, FunctionRegistry
-from anvil_nb.host import Host
-from anvil_nb.transports.inprocess import HostThread
-from anvil_nb.transports.websocket import WebSocketTransport
+from anvil_nb.client.client import Client, FunctionRegistry
+from anvil_nb.client.websocket import WebSocketTransport
+from anvil_nb.config import Keys
+from anvil_nb.host.dispatcher import Host
+from anvil_nb.host.inprocess import HostThread
+from anvil_nb.web.service import listen_embedded
 
 KEYS = Keys("server-key-for-service-tests", "client-key-for-service-tests")
 
@@ -16,8 +17,8 @@ KEYS = Keys("server-key-for-service-tests", "client-key-for-service-tests")
 def test_a_service_listens_keeps_house_and_stops(tmp_path):
     ht = HostThread(lambda: Host(data_dir=tmp_path))
     try:
-        port = ht.listen(KEYS)
-        service = ht._service  # white-box: the service the embedded placement runs
+        service = listen_embedded(ht, KEYS)
+        port = service.port
         assert service.host is ht.host and ht.host.origin == f"http://127.0.0.1:{port}"
         assert ht.run(service._housekeeping.is_running)
         assert ht.host.client_key == KEYS.client_key

@@ -22,8 +22,8 @@ from pathlib import Path
 import pytest
 
 import anvil_nb
-from anvil_nb.errors import SessionExpiredError
-from anvil_nb.sessions import (
+from anvil_nb.core.errors import SessionExpiredError
+from anvil_nb.host.sessions import (
     MemorySessionStore,
     SessionManager,
     SessionRecord,
@@ -284,7 +284,7 @@ def test_sqlite_two_store_objects_on_one_file_written_from_two_threads(db_path: 
 CHILD_WRITER = textwrap.dedent(
     """
     import hashlib, sys, time
-    from anvil_nb.sessions import SQLiteSessionStore, SessionRecord
+    from anvil_nb.host.sessions import SQLiteSessionStore, SessionRecord
 
     store = SQLiteSessionStore(sys.argv[1])
     store.put(SessionRecord(id="child-ready", secret=b"r" * 32))

@@ -21,22 +21,22 @@ import tornado.web
 import tornado.websocket
 from support import RawWS, wait_until
 
-from anvil_nb import protocol
-from anvil_nb.app import make_app
-from anvil_nb.capability import Capability
-from anvil_nb.client import Client, FunctionRegistry
-from anvil_nb.errors import (
+from anvil_nb.client.client import Client, FunctionRegistry
+from anvil_nb.client.websocket import WebSocketTransport
+from anvil_nb.core import protocol
+from anvil_nb.core.capability import Capability
+from anvil_nb.core.errors import (
     AppOfflineError,
     PermissionDenied,
     QuotaExceededError,
     UplinkDisconnectedError,
 )
-from anvil_nb.host import Host
-from anvil_nb.limits import Limits
+from anvil_nb.core.limits import Limits
+from anvil_nb.host.dispatcher import Host
+from anvil_nb.host.inprocess import HostThread
 from anvil_nb.media import BlobMedia
-from anvil_nb.transports.inprocess import HostThread
-from anvil_nb.transports.uplink_ws import Keys
-from anvil_nb.transports.websocket import WebSocketTransport
+from anvil_nb.web.routes import make_app
+from anvil_nb.web.uplink import Keys
 
 WAIT = 10.0
 KEYS = Keys("server-key-for-tests", "client-key-for-tests")
@@ -51,9 +51,7 @@ class NetHost:
 
         def listen() -> int:
             sockets = tornado.netutil.bind_sockets(0, "127.0.0.1")
-            self.server = tornado.httpserver.HTTPServer(
-                make_app(self.host, KEYS, "/")
-            )
+            self.server = tornado.httpserver.HTTPServer(make_app(self.host, KEYS, "/"))
             self.server.add_sockets(sockets)
             return sockets[0].getsockname()[1]
 

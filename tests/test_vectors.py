@@ -25,11 +25,11 @@ import orjson
 import pytest
 from wire_support import assert_same
 
-from anvil_nb import portable
-from anvil_nb.capability import Capability
-from anvil_nb.errors import SerializationError
+from anvil_nb.core import portable
+from anvil_nb.core.capability import Capability
+from anvil_nb.core.errors import SerializationError
+from anvil_nb.core.serialise import deserialise, serialise
 from anvil_nb.media import BlobMedia
-from anvil_nb.serialise import deserialise, serialise
 
 _HERE = Path(__file__).resolve()
 _CANDIDATES = (

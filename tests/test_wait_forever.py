@@ -20,7 +20,7 @@ import pytest
 from support import Lines, ServeProc, stop_process, tail, wait_until
 
 from anvil_nb import server
-from anvil_nb.errors import AppOfflineError
+from anvil_nb.core.errors import AppOfflineError
 
 WAIT = 30.0
 
@@ -118,7 +118,9 @@ def start_provider(
     tmp_path: Path, host: ServeProc, after_interrupt: str = "raise"
 ) -> tuple[Any, Lines]:
     script = tmp_path / "provider.py"
-    script.write_text(PROVIDER.format(key=host.server_key, url=host.url, after_interrupt=after_interrupt))
+    script.write_text(
+        PROVIDER.format(key=host.server_key, url=host.url, after_interrupt=after_interrupt)
+    )
     log = open(tmp_path / "provider.err", "w")  # noqa: SIM115 - closed with the process
     proc = subprocess.Popen(
         [sys.executable, str(script)], stdout=subprocess.PIPE, stderr=log, text=True

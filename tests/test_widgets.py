@@ -13,10 +13,9 @@ import time
 import pytest
 from support import wait_until
 
-from anvil_nb import _output
-from anvil_nb.capability import Capability
-from anvil_nb.client import Client, FunctionRegistry
-from anvil_nb.events import (
+from anvil_nb.client.client import Client, FunctionRegistry, capture
+from anvil_nb.core.capability import Capability
+from anvil_nb.core.events import (
     CallFinished,
     CallStarted,
     CapabilityUpdated,
@@ -328,11 +327,11 @@ def test_a_feed_on_a_client_sees_calls_sessions_and_capability_updates(connect):
     caller: Client = connect("client_uplink")
     provider_feed, caller_feed = Feed(bus=provider.events), Feed(bus=caller.events)
     cap = caller.call("mint")
-    _output.install()
+    capture.install()
     try:
         assert caller.call("touch", cap) == "ok"
     finally:
-        _output.uninstall()
+        capture.uninstall()
 
     served_rows = provider_feed.calls.rows(function="touch")
     assert served_rows[0].caller == "client_uplink" and served_rows[0].outcome == "ok"
@@ -371,8 +370,8 @@ def test_shared_feed_is_one_per_kernel(n):
 def test_widgets_keep_working_after_the_kernel_reconnects():
     from test_uplink_ws import KEYS, NetHost
 
-    from anvil_nb import kernel
-    from anvil_nb.client import functions
+    from anvil_nb.client.client import functions
+    from anvil_nb.jupyter import kernel
 
     h = NetHost()
     feed = Feed()  # on kernel.events, as the dashboard is

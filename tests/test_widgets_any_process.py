@@ -4,7 +4,7 @@
   sees its calls, sessions and registrations in a dashboard: through the embedded host its
   first ``server.call`` starts, and through ``server.connect`` to a real host listening on
   127.0.0.1 (a separate process, so nothing of this test process's state helps).
-* The process's bus follows whichever client ``anvil_nb._runtime`` holds, including a kernel's
+* The process's bus follows whichever client ``anvil_nb.runtime`` holds, including a kernel's
   after it joins another host.
 * Portable objects without a ``__repr__`` of their own read as ``Person(name='Ann', age=3)``;
   a traceback in the details shows each frame's source line where this process has the file,
@@ -47,11 +47,13 @@ from test_browser import (
 )
 from test_kernel import Kernel, Kernels, kernels, kernelspecs  # noqa: F401 - fixtures
 
-from anvil_nb import _runtime, kernel, server
-from anvil_nb.client import Client, FunctionRegistry
-from anvil_nb.events import CallFinished, CallStarted, EventBus
-from anvil_nb.transports.inprocess import HostThread
-from anvil_nb.transports.uplink_ws import Keys
+from anvil_nb import runtime, server
+from anvil_nb.client.client import Client, FunctionRegistry
+from anvil_nb.core.events import CallFinished, CallStarted, EventBus
+from anvil_nb.host.inprocess import HostThread
+from anvil_nb.jupyter import kernel
+from anvil_nb.web.service import listen_embedded
+from anvil_nb.web.uplink import Keys
 from anvil_nb.widgets import CallLog, CapabilityStream, Feed, Registry, SessionInspector, dashboard
 from anvil_nb.widgets.models import short_repr
 from anvil_nb.widgets.throttle import Throttle
@@ -68,8 +70,8 @@ PLAIN_PROCESS = textwrap.dedent(
     import json, sys, threading, time
     import IPython
     from anvil_nb import server
-    from anvil_nb.client import Client, FunctionRegistry
-    from anvil_nb.transports.websocket import WebSocketTransport
+    from anvil_nb.client.client import Client, FunctionRegistry
+    from anvil_nb.client.websocket import WebSocketTransport
     from anvil_nb.widgets import dashboard
 
     URL, KEY = sys.argv[1], sys.argv[2]
@@ -130,7 +132,7 @@ def test_a_plain_process_sees_its_calls_through_the_embedded_host_and_server_con
     keys = Keys.generate()
     ht = HostThread()
     try:
-        port = ht.listen(keys)
+        port = listen_embedded(ht, keys).port
         url = f"ws://127.0.0.1:{port}/_/uplink"
         run = subprocess.run(
             [sys.executable, "-c", PLAIN_PROCESS, url, keys.server_key],
@@ -176,18 +178,18 @@ def test_the_process_bus_follows_the_default_client(host_thread: HostThread):
         registry = FunctionRegistry()
         registry.register("ping", lambda: "pong")
         first = Client(host_thread.connect("server_module"), functions=registry).start()
-        _runtime.set_client(first)
+        runtime.set_client(first)
         assert server.call("ping") == "pong"
         assert [r.direction for r in feed.calls.rows()] == ["in", "out"]
         assert "ping" in feed.registry.names()  # watched: someone listens to the bus
 
         second = Client(host_thread.connect("server_module"), functions=registry).start()
-        _runtime.set_client(second)  # closes the first
+        runtime.set_client(second)  # closes the first
         assert second.call("ping") == "pong"
         assert len(feed.calls.rows()) == 4
         assert not first.events.active  # no longer followed
 
-        _runtime.set_client(None)  # closes the second
+        runtime.set_client(None)  # closes the second
         third = Client(host_thread.connect("server_module"), functions=registry).start()
         assert third.call("ping") == "pong"  # not the process's client: not in the feed
         third.close()
@@ -200,7 +202,7 @@ def test_a_kernel_that_joins_another_host_keeps_feeding_the_widgets():
     """``kernel.join`` (``%load_ext``, ``%anvil connect``) goes through the same follower."""
     from test_uplink_ws import KEYS, NetHost
 
-    from anvil_nb.client import functions
+    from anvil_nb.client.client import functions
 
     one, two = NetHost(), NetHost()
     feed = Feed()

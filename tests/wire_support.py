@@ -16,11 +16,11 @@ from typing import Any
 
 import orjson
 
-from anvil_nb import portable
-from anvil_nb.capability import Capability
-from anvil_nb.liveobject import LiveObjectProxy
+from anvil_nb.core import portable
+from anvil_nb.core.capability import Capability
+from anvil_nb.core.liveobject import LiveObjectProxy
+from anvil_nb.core.serialise import deserialise, serialise
 from anvil_nb.media import BlobMedia
-from anvil_nb.serialise import deserialise, serialise
 
 
 def assert_same(expected: Any, actual: Any, where: str = "value") -> None:

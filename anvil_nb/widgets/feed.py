@@ -1,8 +1,8 @@
-"""The feed: one set of models per process, fed by :data:`anvil_nb.kernel.events`.
+"""The feed: one set of models per process, fed by :data:`anvil_nb.jupyter.kernel.events`.
 
 Every view of a process renders from the same models, so several dashboards in one notebook
 always agree. The feed subscribes once, to the process's bus, which carries the events of
-whichever client the process uses (:func:`anvil_nb.kernel.follow` moves it to each new one):
+whichever client the process uses (:func:`anvil_nb.jupyter.kernel.follow` moves it to each new one):
 a kernel's (``%load_ext``, across reconnections and ``%anvil connect``), ``server.connect``'s,
 or the embedded host's of a plain script. The views keep working whichever host that is.
 """
@@ -13,8 +13,9 @@ import sys
 import threading
 from typing import Any
 
-from anvil_nb import _runtime, kernel
-from anvil_nb.events import Event, EventBus, RegistrySnapshot
+from anvil_nb import runtime
+from anvil_nb.core.events import Event, EventBus, RegistrySnapshot
+from anvil_nb.jupyter import kernel
 from anvil_nb.widgets.models import CallLogModel, CapabilityModel, RegistryModel, SessionModel
 
 __all__ = ["Feed", "shared_feed"]
@@ -26,7 +27,7 @@ class Feed:
     Parameters
     ----------
     bus : EventBus, optional
-        Where events come from (default: the process's bus, :data:`anvil_nb.kernel.events`).
+        Where events come from (default: the process's bus, :data:`anvil_nb.jupyter.kernel.events`).
     maxlen : int
         How many calls the call log keeps.
     me : str
@@ -67,7 +68,7 @@ def _process_registrations() -> dict[str, list[str]] | None:
 
     A trusted client is made to watch the registry from now on, so changes are pushed.
     """
-    client = _runtime.current_client(start=False)
+    client = runtime.current_client(start=False)
     if client is None or kernel.follow(client, watch=True) is None:
         return None  # no client yet (it is watched when it comes), or an untrusted one
     try:

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from anvil_nb.events import (
+from anvil_nb.core.events import (
     CallFinished,
     CallStarted,
     CapabilityUpdated,

@@ -6,8 +6,9 @@ from typing import Any
 
 import ipywidgets as W
 
-from anvil_nb import kernel, portable
-from anvil_nb.client import functions
+from anvil_nb.client.client import functions
+from anvil_nb.core import portable
+from anvil_nb.jupyter import kernel
 from anvil_nb.widgets import render
 from anvil_nb.widgets.feed import Feed, shared_feed
 from anvil_nb.widgets.view import LiveView

@@ -18,8 +18,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from peers import RawWS, ServeProc
 
-from anvil_nb.client import Client, FunctionRegistry
-from anvil_nb.transports.websocket import WebSocketTransport
+from anvil_nb.client.client import Client, FunctionRegistry
+from anvil_nb.client.websocket import WebSocketTransport
 
 KINDS = ["CALL", "REGISTER", "UNREGISTER", "CHUNK_HEADER", "MEDIA_ERROR", "EVENT",
          "LAUNCH_BACKGROUND", "REGISTER_LIVE_OBJECT_BACKEND", "LOG", "GET_TASK_STATE"]  # fmt: skip

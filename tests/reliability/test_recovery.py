@@ -33,14 +33,14 @@ import pytest
 from peers import WAIT
 from support import Lines, stop_process, tail
 
-from anvil_nb import _runtime, server
-from anvil_nb.client import Client, FunctionRegistry
-from anvil_nb.errors import (
+from anvil_nb import runtime, server
+from anvil_nb.client.client import Client, FunctionRegistry
+from anvil_nb.client.websocket import WebSocketTransport
+from anvil_nb.core.errors import (
     AppOfflineError,
     NoServerFunctionError,
     UplinkDisconnectedError,
 )
-from anvil_nb.transports.websocket import WebSocketTransport
 
 #: Seconds within which a client must be back after the host is: the reconnection delay
 #: (1 s, then 2 s if the host was not up yet, ...) plus the host's start-up, with slack.
@@ -91,7 +91,7 @@ def ping_from(client: Client, expected: Any) -> bool:
 def test_a_provider_busy_while_the_host_crashes_serves_again_after_the_restart(
     serve_proc, clients, caplog
 ):
-    caplog.set_level(logging.INFO, logger="anvil_nb.client")
+    caplog.set_level(logging.INFO, logger="anvil_nb.client.client")
     host = serve_proc()
     started, release = threading.Event(), threading.Event()
 
@@ -154,7 +154,8 @@ def test_a_fatal_frame_that_is_not_a_key_refusal_ends_one_connection_not_the_cli
 
 SCRIPT = """
 import sys
-from anvil_nb import _runtime, server
+from anvil_nb import runtime
+from anvil_nb import server
 
 url, key = sys.argv[1], sys.argv[2]
 server.connect(key, url=url, quiet=True)
@@ -169,7 +170,7 @@ for line in sys.stdin:
     elif cmd == "online":
         print("online", server.is_app_online(), flush=True)
     elif cmd == "end":
-        print("embedded-host-started", _runtime._embedded is not None, flush=True)
+        print("embedded-host-started", runtime._embedded is not None, flush=True)
         server.disconnect()
         break
 """
@@ -246,7 +247,7 @@ def test_calls_during_an_outage_wait_then_raise_app_offline_naming_the_host(serv
     host = serve_proc()
     server.connect(host.server_key, url=host.url, quiet=True)
     assert server.is_app_online()
-    client = _runtime.current_client(start=False)
+    client = runtime.current_client(start=False)
     assert client is not None
     client.offline_wait = 1.5
     host.stop()
@@ -264,7 +265,7 @@ def test_calls_during_an_outage_wait_then_raise_app_offline_naming_the_host(serv
         asyncio.run(server.call_async("anvil.private.echo", 1))
     assert 1.4 <= time.monotonic() - t0 <= 1.5 + 3.0
 
-    assert _runtime._embedded is None  # never fell back to a host of its own
+    assert runtime._embedded is None  # never fell back to a host of its own
     assert not server.is_app_online()
 
 
@@ -276,7 +277,7 @@ def test_a_failed_connect_leaves_no_connection_and_no_embedded_host():
         server.connect("any-key", url=url, quiet=True)
     with pytest.raises(AppOfflineError, match=url):
         server.call("anvil.private.echo", 1)
-    assert _runtime._embedded is None and not server.is_app_online()
+    assert runtime._embedded is None and not server.is_app_online()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -291,8 +292,8 @@ def test_a_wrong_key_is_refused_at_once_and_for_good(serve_proc):
     with pytest.raises(AppOfflineError, match="^Anvil fatal error: Incorrect uplink key$"):
         server.call("anvil.private.echo", 1)
     assert time.monotonic() - t0 < 1.0
-    assert _runtime._embedded is None and not server.is_app_online()
-    client = _runtime.current_client(start=False)
+    assert runtime._embedded is None and not server.is_app_online()
+    client = runtime.current_client(start=False)
     assert client is not None
     assert not client.transport.reconnects and not client.transport.reading
 

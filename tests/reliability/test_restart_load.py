@@ -20,9 +20,9 @@ from typing import Any
 import pytest
 from peers import WAIT, ProviderProc, ServeProc
 
-from anvil_nb.client import Client, FunctionRegistry
-from anvil_nb.errors import AppOfflineError, NoServerFunctionError, UplinkDisconnectedError
-from anvil_nb.transports.websocket import WebSocketTransport
+from anvil_nb.client.client import Client, FunctionRegistry
+from anvil_nb.client.websocket import WebSocketTransport
+from anvil_nb.core.errors import AppOfflineError, NoServerFunctionError, UplinkDisconnectedError
 
 CALLERS = 8
 

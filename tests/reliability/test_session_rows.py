@@ -13,9 +13,9 @@ import sqlite3
 from pathlib import Path
 
 from anvil_nb import server
-from anvil_nb.client import Client, FunctionRegistry
-from anvil_nb.sessions import SessionManager, SQLiteSessionStore
-from anvil_nb.transports.websocket import WebSocketTransport
+from anvil_nb.client.client import Client, FunctionRegistry
+from anvil_nb.client.websocket import WebSocketTransport
+from anvil_nb.host.sessions import SessionManager, SQLiteSessionStore
 
 
 def rows(data_dir: Path) -> int:

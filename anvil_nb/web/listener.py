@@ -1,11 +1,11 @@
 """The HTTP listener of the standalone and embedded hosts: bounded in time and in accept errors.
 
 :class:`HTTPServer` is tornado's, with two changes that keep unauthenticated connections from
-costing the host more than :class:`~anvil_nb.limits.Limits` allows:
+costing the host more than :class:`~anvil_nb.core.limits.Limits` allows:
 
 * a TCP connection that has not sent a complete HTTP request within ``handshake_timeout``
   seconds (idle sockets, half-sent headers, bodies that never finish) is closed. After the
-  WebSocket upgrade, :class:`~anvil_nb.transports.uplink_ws.UplinkHandler` bounds the time to
+  WebSocket upgrade, :class:`~anvil_nb.web.uplink.UplinkHandler` bounds the time to
   the hello with the same limit.
 * accept errors do not spin. tornado's own accept loop lets ``accept()`` errors such as
   ``EMFILE`` (the process is out of file descriptors) escape; the listening socket stays
@@ -29,8 +29,8 @@ from typing import Any
 import tornado.httpserver
 from tornado.ioloop import IOLoop
 
-from anvil_nb.limits import DEFAULT_LIMITS, Limits
-from anvil_nb.logs import RateLimiter
+from anvil_nb.core.limits import DEFAULT_LIMITS, Limits
+from anvil_nb.core.logs import RateLimiter
 
 __all__ = ["HTTPServer", "add_accept_handler"]
 

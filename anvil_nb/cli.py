@@ -17,10 +17,10 @@ keys are printed on stderr. Once it accepts connections it prints one line on st
 SIGINT or SIGTERM stop it: calls in flight fail with ``RuntimeUnavailableError``, connections
 close, and it exits with status 0.
 
-What one connection may cost is bounded by one :class:`~anvil_nb.limits.Limits`, built from the
+What one connection may cost is bounded by one :class:`~anvil_nb.core.limits.Limits`, built from the
 command line (``--max-frame-bytes``, ``--max-calls-in-flight``, ``--max-queued-bytes``,
 ``--handshake-timeout``, ``--ping-interval``, ``--ping-timeout``); the listener
-(:mod:`anvil_nb.transports.listener`) closes connections that never finish their HTTP request
+(:mod:`anvil_nb.web.listener`) closes connections that never finish their HTTP request
 and backs off from accept errors such as running out of file descriptors.
 """
 
@@ -39,22 +39,15 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import platformdirs
-
-from anvil_nb.apps import DEFAULT_APP, KeyRing, app_name
-from anvil_nb.limits import DEFAULT_LIMITS, Limits
-from anvil_nb.service import HostService
+from anvil_nb.config import DEFAULT_APP, KeyRing, app_name, default_data_dir
+from anvil_nb.core.limits import DEFAULT_LIMITS, Limits
+from anvil_nb.web.service import HostService
 
 __all__ = ["main", "serve"]
 
-log = logging.getLogger("anvil_nb.serve")
+log = logging.getLogger("anvil_nb.cli")
 
 DEFAULT_PORT = 3030
-
-
-def default_data_dir() -> Path:
-    """The platform's user data folder for anvil_nb."""
-    return Path(platformdirs.user_data_dir("anvil_nb", appauthor=False))
 
 
 #: glibc's ``mallopt`` parameter for the size from which allocations get their own mapping.
@@ -186,7 +179,9 @@ def print_keys(args: argparse.Namespace) -> int:
         return 2
     keys = keyring.keys(name)
     if args.json:
-        print(json.dumps({"app": name, "server_key": keys.server_key, "client_key": keys.client_key}))
+        print(
+            json.dumps({"app": name, "server_key": keys.server_key, "client_key": keys.client_key})
+        )
     else:
         print(f"app: {name}\nserver key: {keys.server_key}\nclient key: {keys.client_key}")
         print(f"(kept in {keyring.path(name)})", file=sys.stderr)
@@ -219,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         help="seconds before a call fails with TimeoutError",
     )
     bounds = s.add_argument_group(
-        "bounds", "what one connection may cost the host (see anvil_nb.limits.Limits)"
+        "bounds", "what one connection may cost the host (see anvil_nb.core.limits.Limits)"
     )
     for name, parse, text in _BOUND_FLAGS:
         default = getattr(DEFAULT_LIMITS, name)

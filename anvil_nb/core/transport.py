@@ -1,10 +1,10 @@
 """The client side's view of a transport: open, send, close.
 
-A :class:`Transport` carries decoded messages between a :class:`~anvil_nb.client.Client` and
+A :class:`Transport` carries decoded messages between a :class:`~anvil_nb.client.client.Client` and
 a host. It calls back ``on_message(msg, media)`` for every message that arrives (media are the
 bytes of the message's DataMedia entries, by id) and ``on_close(reason)`` each time a
-connection ends. Implementations: :mod:`anvil_nb.transports.inprocess` (a host in the same
-process; it never reconnects); :mod:`anvil_nb.transports.websocket` speaks the same messages
+connection ends. Implementations: :mod:`anvil_nb.host.inprocess` (a host in the same
+process; it never reconnects); :mod:`anvil_nb.client.websocket` speaks the same messages
 over the network and reconnects after any loss, except when the host refused the key.
 """
 
@@ -14,7 +14,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from anvil_nb import protocol
+from anvil_nb.core import protocol
 
 __all__ = [
     "KEY_REFUSALS",

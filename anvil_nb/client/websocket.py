@@ -10,7 +10,7 @@ dropped, the host sent a fatal error and closed it, a frame from the host was ma
 client is told at once (its calls in flight fail) and the transport connects again: after
 1 s, then doubling up to 10 s between attempts, until a connection gets the host's ``auth``
 (which resets the delay to 1 s and tells the client to register its functions again). The
-one exception is a refused key (:data:`~anvil_nb.transports.base.KEY_REFUSALS`): trying again
+one exception is a refused key (:data:`~anvil_nb.core.transport.KEY_REFUSALS`): trying again
 cannot help, so the transport stops for good and :attr:`WebSocketTransport.refused` says why.
 
 Backpressure: the bytes sent but not yet written to the socket are counted; a thread that sends
@@ -32,10 +32,10 @@ from typing import Any
 import tornado.httpclient
 import tornado.websocket
 
-from anvil_nb import protocol
-from anvil_nb.errors import ProtocolError
-from anvil_nb.logs import RateLimiter, clip
-from anvil_nb.transports.base import KEY_REFUSALS, MessageHandler, Transport, retrieve
+from anvil_nb.core import protocol
+from anvil_nb.core.errors import ProtocolError
+from anvil_nb.core.logs import RateLimiter, clip
+from anvil_nb.core.transport import KEY_REFUSALS, MessageHandler, Transport, retrieve
 
 __all__ = ["FIRST_RETRY_DELAY", "MAX_RETRY_DELAY", "WebSocketTransport"]
 

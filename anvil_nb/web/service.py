@@ -1,8 +1,8 @@
 """The host service: one host as every placement runs it.
 
 The three placements (``anvil-nb serve``, the Jupyter server extension, the host embedded in a
-kernel) all run a :class:`HostService`: the app keys (a :class:`~anvil_nb.apps.KeyRing`), the
-:class:`~anvil_nb.host.Host` with its :class:`~anvil_nb.limits.Limits`, its housekeeping
+kernel) all run a :class:`HostService`: the app keys (a :class:`~anvil_nb.config.KeyRing`), the
+:class:`~anvil_nb.host.dispatcher.Host` with its :class:`~anvil_nb.core.limits.Limits`, its housekeeping
 (expired sessions purged every minute) and, for the standalone and embedded placements, an HTTP
 listener serving the host's routes. The Jupyter extension mounts the same routes on Jupyter's
 own application instead (:meth:`HostService.routes`). Every method runs on the host's loop.
@@ -18,15 +18,16 @@ from typing import Any
 import tornado.ioloop
 import tornado.netutil
 
-from anvil_nb.app import Handlers, make_app, routes
-from anvil_nb.apps import KeyRing
-from anvil_nb.host import Host
-from anvil_nb.limits import DEFAULT_LIMITS, Limits
-from anvil_nb.transports.listener import HTTPServer
+from anvil_nb.config import KeyRing, Keys
+from anvil_nb.core.limits import DEFAULT_LIMITS, Limits
+from anvil_nb.host.dispatcher import Host
+from anvil_nb.host.inprocess import HostThread
+from anvil_nb.web.listener import HTTPServer
+from anvil_nb.web.routes import Handlers, make_app, routes
 
-__all__ = ["HOUSEKEEPING_INTERVAL", "HostService"]
+__all__ = ["HOUSEKEEPING_INTERVAL", "HostService", "listen_embedded"]
 
-log = logging.getLogger("anvil_nb.service")
+log = logging.getLogger("anvil_nb.web.service")
 
 #: Seconds between two housekeeping rounds (expired sessions purged, idle clocks persisted).
 HOUSEKEEPING_INTERVAL = 60.0
@@ -42,7 +43,7 @@ class HostService:
     host : Host, optional
         The host to run (default: one made from *data_dir*, *limits* and *call_timeout*).
     data_dir, limits, call_timeout :
-        How to make the host when none is given (see :class:`~anvil_nb.host.Host`).
+        How to make the host when none is given (see :class:`~anvil_nb.host.dispatcher.Host`).
     """
 
     def __init__(
@@ -59,6 +60,8 @@ class HostService:
         self.host.client_key = keyring.default.client_key
         self._housekeeping: tornado.ioloop.PeriodicCallback | None = None
         self._http: HTTPServer | None = None
+        #: The port :meth:`listen` bound (None until then).
+        self.port: int | None = None
 
     @property
     def limits(self) -> Limits:
@@ -75,7 +78,7 @@ class HostService:
         """Serve the host's routes (and its front door) on *address*; return the bound port.
 
         The listener bounds what a connection may cost before the upgrade too (see
-        :mod:`anvil_nb.transports.listener`), and the host's origin becomes this address.
+        :mod:`anvil_nb.web.listener`), and the host's origin becomes this address.
         """
         sockets = tornado.netutil.bind_sockets(port, address)
         self._http = HTTPServer(
@@ -84,7 +87,7 @@ class HostService:
             max_body_size=self.limits.max_frame_bytes,
         )
         self._http.add_sockets(sockets)
-        bound = int(sockets[0].getsockname()[1])
+        bound = self.port = int(sockets[0].getsockname()[1])
         shown = f"[{address}]" if ":" in address else address
         self.host.origin = f"http://{shown}:{bound}"
         return bound
@@ -114,3 +117,23 @@ class HostService:
             await asyncio.wait_for(self._http.close_all_connections(), timeout=timeout)
         except asyncio.TimeoutError:
             log.warning("some connections did not close in time")
+
+
+def listen_embedded(
+    host_thread: HostThread, keys: Keys, address: str = "127.0.0.1", port: int = 0
+) -> HostService:
+    """Put a host running in this process on the network (the embedded placement).
+
+    Uplinks then reach it at ``ws://address:port/_/uplink`` with *keys*; the listener applies
+    the host's limits before the upgrade too. Stopping the thread stops the service. Returns
+    the service (``service.port`` is the bound port, an ephemeral one by default).
+    """
+
+    def start() -> HostService:
+        service = HostService(KeyRing.of(keys), host_thread.host)
+        service.listen(address, port)
+        service.start()
+        host_thread.on_stop = service.stop
+        return service
+
+    return host_thread.run(start)

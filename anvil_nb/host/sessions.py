@@ -12,7 +12,7 @@ What survives what: a *connection* session (an uplink's, a WebSocket browser's) 
 host's memory only and ends with its connection, as in Anvil; no row is ever written for it, so
 nothing is left behind by a crash either. A *persistent* session (a browser's cookie session) is
 kept in the store and survives a restart of the host. A session idle for longer than the timeout (30 minutes by default) expires: the next
-call in it fails with :class:`~anvil_nb.errors.SessionExpiredError` and the owner gets a fresh
+call in it fails with :class:`~anvil_nb.core.errors.SessionExpiredError` and the owner gets a fresh
 session.
 
 Stores: :class:`SessionStore` is the interface; :class:`MemorySessionStore` keeps records in a
@@ -35,7 +35,7 @@ from typing import Any
 
 import orjson
 
-from anvil_nb.errors import SessionExpiredError
+from anvil_nb.core.errors import SessionExpiredError
 
 __all__ = [
     "DEFAULT_SESSION_TIMEOUT",

@@ -4,7 +4,7 @@ Every text frame is one JSON object (PROTOCOL.md). A frame is a *response* when 
 and ``response`` or ``error`` and no ``type``; otherwise its ``type`` says what it is
 (``CALL``, ``REGISTER``, ``CHUNK_HEADER`` ...). ``{"error": ...}`` without ``id`` is fatal, and
 ``{"output": ...}`` is printed output. :func:`decode` turns a frame into a dict or raises
-:class:`~anvil_nb.errors.ProtocolError` naming what was wrong; :func:`encode` is the inverse.
+:class:`~anvil_nb.core.errors.ProtocolError` naming what was wrong; :func:`encode` is the inverse.
 
 anvil_nb adds one message of its own, ``{"type": "UNREGISTER", "name": ...}``: the real
 protocol has no way to withdraw a registration, which re-running a notebook cell needs. Real
@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 import orjson
 
-from anvil_nb.errors import ProtocolError, WireError
+from anvil_nb.core.errors import ProtocolError, WireError
 
 __all__ = [
     "CALL_ROOTS",
@@ -417,7 +417,9 @@ class MediaAssembler:
         if type(key) is not str and type(key) is not int:
             raise ProtocolError("a message with media needs a string 'id'")
         if key in self._held:
-            raise ProtocolError(f"message id {_clip(key)} reused while its media are still arriving")
+            raise ProtocolError(
+                f"message id {_clip(key)} reused while its media are still arriving"
+            )
         self._held[key] = (msg, {i: [] for i in ids}, set(ids))
         return []
 

@@ -28,11 +28,11 @@ from typing import Any
 
 import tornado.web
 
-from anvil_nb.apps import KeyRing, Keys
-from anvil_nb.handlers import AdminAppsHandler, AdminStateHandler, ApiHandler, StatusPageHandler
-from anvil_nb.host import Host
-from anvil_nb.limits import Limits
-from anvil_nb.transports.uplink_ws import BrowserHandler, UplinkHandler
+from anvil_nb.config import KeyRing, Keys
+from anvil_nb.core.limits import Limits
+from anvil_nb.host.dispatcher import Host
+from anvil_nb.web.handlers import AdminAppsHandler, AdminStateHandler, ApiHandler, StatusPageHandler
+from anvil_nb.web.uplink import BrowserHandler, UplinkHandler
 
 __all__ = ["Handlers", "make_app", "routes", "websocket_settings"]
 
@@ -52,7 +52,7 @@ def _join(prefix: str, path: str) -> str:
     return prefix.rstrip("/") + "/" + path
 
 
-#: An app's name in a route (what :func:`~anvil_nb.apps.app_name` makes).
+#: An app's name in a route (what :func:`~anvil_nb.config.app_name` makes).
 APP = "app/([a-z0-9][a-z0-9-]*)/"
 
 
@@ -80,7 +80,7 @@ def websocket_settings(limits: Limits) -> dict[str, Any]:
     """The tornado application settings for a host's WebSockets.
 
     The host's own handlers read the frame limit and the keep-alive from ``host.limits``
-    themselves (see :class:`~anvil_nb.transports.uplink_ws.UplinkHandler`), so that Jupyter's
+    themselves (see :class:`~anvil_nb.web.uplink.UplinkHandler`), so that Jupyter's
     application, whose settings are Jupyter's, applies the same bounds. These settings give
     the same frame limit to anything else on the application, and turn tornado's own pings
     off: they cap the timeout at the interval, and only detach a frozen peer after a further
@@ -98,7 +98,7 @@ def make_app(host: Host, keys: Keys | KeyRing, prefix: str = "/") -> tornado.web
     Frames larger than the host's ``limits.max_frame_bytes`` close the connection (larger data
     goes as Media). Pings every ``limits.ping_interval`` seconds find dead and frozen peers
     (within ``ping_interval + ping_timeout``); the real client answers them. Serve it with
-    :class:`anvil_nb.transports.listener.HTTPServer`, which bounds the time and the accept
+    :class:`anvil_nb.web.listener.HTTPServer`, which bounds the time and the accept
     errors before the upgrade.
     """
     table = routes(host, keys, prefix)

@@ -1,9 +1,9 @@
 """The process's default connection, behind ``anvil_nb.server``.
 
-``server.call`` and friends use one :class:`~anvil_nb.client.Client` per process.
+``server.call`` and friends use one :class:`~anvil_nb.client.client.Client` per process.
 
 * A process that never joined a host: the first use starts an embedded host in this process
-  (a :class:`~anvil_nb.transports.inprocess.HostThread`) and connects to it as a trusted
+  (a :class:`~anvil_nb.host.inprocess.HostThread`) and connects to it as a trusted
   ``server_module``.
 * A process that joined a host (``server.connect``, or a kernel whose ``%load_ext anvil_nb``
   or ``%anvil connect`` reached a host; :func:`set_client` with ``remote=``) stays with that
@@ -24,9 +24,9 @@ import logging
 import threading
 from collections.abc import Callable
 
-from anvil_nb.client import Client
-from anvil_nb.errors import AppOfflineError
-from anvil_nb.transports.inprocess import HostThread
+from anvil_nb.client.client import Client
+from anvil_nb.core.errors import AppOfflineError
+from anvil_nb.host.inprocess import HostThread
 
 __all__ = [
     "current_client",

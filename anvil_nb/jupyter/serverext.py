@@ -1,6 +1,6 @@
 """The Jupyter server extension ``anvil_nb``: a host inside ``jupyter server`` / ``jupyter lab``.
 
-It mounts the host's routes (see :mod:`anvil_nb.app`) under ``{base_url}anvil/`` on the
+It mounts the host's routes (see :mod:`anvil_nb.web.routes`) under ``{base_url}anvil/`` on the
 server's own tornado application and event loop. Who may use each route:
 
 * ``_/uplink``: the uplink key alone (no Jupyter token), any Origin, as DESIGN.md decides;
@@ -17,16 +17,16 @@ Configuration (``jupyter_server_config.py`` or the command line)::
     c.AnvilNB.client_key = "..."
     c.AnvilNB.data_dir = "..."     # sessions, MAC key and keys; default: the user data dir
     c.AnvilNB.public = False       # let browsers and HTTP clients in without Jupyter auth
-    c.AnvilNB.limits = {"ping_interval": 5}   # bounds, over anvil_nb.limits.Limits' defaults
+    c.AnvilNB.limits = {"ping_interval": 5}   # bounds, over anvil_nb.core.limits.Limits' defaults
 
-What one connection may cost is bounded by :class:`~anvil_nb.limits.Limits` (``AnvilNB.limits``
+What one connection may cost is bounded by :class:`~anvil_nb.core.limits.Limits` (``AnvilNB.limits``
 over the defaults): the
 host's WebSocket handlers read the frame limit, the hello deadline and the keep-alive (a ping
 every ``ping_interval``; a frozen peer is lost within ``ping_interval + ping_timeout``) from
 ``host.limits`` themselves, not from Jupyter's application settings. The TCP listener is
 Jupyter's own, so the bounds before the WebSocket upgrade (idle connections, half-sent
 requests, accept errors such as running out of file descriptors) are Jupyter's and tornado's,
-not those of :mod:`anvil_nb.transports.listener`.
+not those of :mod:`anvil_nb.web.listener`.
 """
 
 from __future__ import annotations
@@ -43,14 +43,13 @@ from jupyter_server.extension.application import ExtensionApp
 from tornado import web
 from traitlets import Bool, Dict, TraitError, Unicode, default, validate
 
-from anvil_nb.app import Handlers
-from anvil_nb.apps import DEFAULT_APP, KeyRing
-from anvil_nb.handlers import admin_state, apps_state, no_app, no_endpoint
-from anvil_nb.host import Host
-from anvil_nb.limits import DEFAULT_LIMITS, Limits
-from anvil_nb.serve import default_data_dir
-from anvil_nb.service import HostService
-from anvil_nb.transports.uplink_ws import BrowserHandler, UplinkHandler
+from anvil_nb.config import DEFAULT_APP, ENV_KEY, ENV_ROOT, ENV_URL, KeyRing, default_data_dir
+from anvil_nb.core.limits import DEFAULT_LIMITS, Limits
+from anvil_nb.host.dispatcher import Host
+from anvil_nb.web.handlers import admin_state, apps_state, no_app, no_endpoint
+from anvil_nb.web.routes import Handlers
+from anvil_nb.web.service import HostService
+from anvil_nb.web.uplink import BrowserHandler, UplinkHandler
 
 __all__ = ["AnvilNB"]
 
@@ -164,7 +163,7 @@ class AnvilNB(ExtensionApp):
         {},
         help=(
             "Bounds on what one connection may cost the host, overriding the defaults of "
-            "anvil_nb.limits.Limits (docs/reliability.md), e.g. "
+            "anvil_nb.core.limits.Limits (docs/reliability.md), e.g. "
             '{"max_queued_bytes": 8388608, "ping_interval": 5, "handshake_timeout": 5}.'
         ),
     ).tag(config=True)
@@ -224,14 +223,14 @@ class AnvilNB(ExtensionApp):
         """Tell the kernels this server starts where the host is (the port is known now)."""
         http_url = self.uplink_url().replace("ws", "http", 1)
         self.host.origin = http_url.removesuffix("/_/uplink")
-        os.environ["ANVIL_NB_URL"] = self.uplink_url()
-        os.environ["ANVIL_NB_SERVER_KEY"] = self.keys.default.server_key
-        os.environ["ANVIL_NB_ROOT"] = str(self.serverapp.root_dir)  # notebook paths -> app names
+        os.environ[ENV_URL] = self.uplink_url()
+        os.environ[ENV_KEY] = self.keys.default.server_key
+        os.environ[ENV_ROOT] = str(self.serverapp.root_dir)  # notebook paths -> app names
         self.service.start()  # housekeeping, on the server's loop
         self.log.info("anvil_nb: host ready; uplinks connect to %s", self.uplink_url())
 
     async def stop_extension(self) -> None:
         """Stop the host with the server: calls in flight fail, connections close."""
         self.service.stop()
-        for name in ("ANVIL_NB_URL", "ANVIL_NB_SERVER_KEY", "ANVIL_NB_ROOT"):
+        for name in (ENV_URL, ENV_KEY, ENV_ROOT):
             os.environ.pop(name, None)

@@ -1,6 +1,6 @@
 """HTTP handlers of the standalone host: ``_/api/...`` and ``_/admin/state``. They only translate.
 
-Inside Jupyter, :mod:`anvil_nb.serverext` uses variants of these behind Jupyter's own auth.
+Inside Jupyter, :mod:`anvil_nb.jupyter.serverext` uses variants of these behind Jupyter's own auth.
 Standalone, ``_/admin/...`` asks for the server key (``Authorization: Bearer <key>``), and
 ``_/api/...`` is public.
 """
@@ -14,8 +14,8 @@ from typing import Any
 import orjson
 import tornado.web
 
-from anvil_nb.apps import DEFAULT_APP, KeyRing, Keys
-from anvil_nb.host import Host
+from anvil_nb.config import DEFAULT_APP, KeyRing, Keys
+from anvil_nb.host.dispatcher import Host
 
 __all__ = [
     "AdminAppsHandler",
@@ -29,9 +29,7 @@ __all__ = [
 ]
 
 
-def admin_state(
-    host: Host, keys: Keys | KeyRing, app: str = DEFAULT_APP
-) -> dict[str, Any] | None:
+def admin_state(host: Host, keys: Keys | KeyRing, app: str = DEFAULT_APP) -> dict[str, Any] | None:
     """What ``_/admin/state[?app=NAME]`` answers: the state of one app (``default`` unless
     named) and its client key, never a server key; ``None`` for an app the host does not have.
     """

@@ -43,11 +43,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from anvil_nb import protocol
-from anvil_nb.apps import DEFAULT_APP
-from anvil_nb.capability import normalise_scope_key, scope_key, sign_scope, verify_scope
-from anvil_nb.context import TRUSTED_TYPES
-from anvil_nb.errors import (
+from anvil_nb.config import DEFAULT_APP
+from anvil_nb.core import protocol
+from anvil_nb.core.capability import normalise_scope_key, scope_key, sign_scope, verify_scope
+from anvil_nb.core.context import TRUSTED_TYPES
+from anvil_nb.core.errors import (
     AnvilError,
     InternalError,
     NoServerFunctionError,
@@ -62,7 +62,7 @@ from anvil_nb.errors import (
     UplinkDisconnectedError,
     error_to_wire,
 )
-from anvil_nb.events import (
+from anvil_nb.core.events import (
     CallFinished,
     CallStarted,
     CapabilityUpdated,
@@ -70,14 +70,14 @@ from anvil_nb.events import (
     RegistrationChanged,
     SessionChanged,
 )
-from anvil_nb.limits import DEFAULT_LIMITS, Limits
-from anvil_nb.logs import RateLimiter, clip
-from anvil_nb.registry import Registry
-from anvil_nb.sessions import SessionManager, SessionRecord, SQLiteSessionStore
+from anvil_nb.core.limits import DEFAULT_LIMITS, Limits
+from anvil_nb.core.logs import RateLimiter, clip
+from anvil_nb.host.registry import Registry
+from anvil_nb.host.sessions import SessionManager, SessionRecord, SQLiteSessionStore
 
 __all__ = ["MAX_CALL_DEPTH", "AppState", "Host", "Peer"]
 
-log = logging.getLogger("anvil_nb.host")
+log = logging.getLogger("anvil_nb.host.dispatcher")
 
 #: Calls nested deeper than this fail with StackOverflow (as on Anvil).
 MAX_CALL_DEPTH = 10
@@ -222,7 +222,7 @@ class Host:
         The app origin, e.g. ``"http://127.0.0.1:8888"``; ``None`` when nothing listens on HTTP.
     limits : Limits, optional
         What one connection may cost: frame size, calls in flight, bytes queued for writing
-        (see :class:`~anvil_nb.limits.Limits`).
+        (see :class:`~anvil_nb.core.limits.Limits`).
     data_dir : str or Path, optional
         Keep persistent sessions (``sessions.sqlite3``; another app's in
         ``apps/<name>/sessions.sqlite3``) and the MAC key (``host-secret``) in this folder, so
@@ -566,7 +566,9 @@ class Host:
             session_id=record.id,
             app_info=ps.app.app_info,
         )
-        data = self._encode(out, f"call to {clip(command)!r}")  # fails this call alone, nothing held
+        data = self._encode(
+            out, f"call to {clip(command)!r}"
+        )  # fails this call alone, nothing held
         req = _Request(
             id=rid,
             command=command,
@@ -773,7 +775,9 @@ class Host:
     def _time_out(self, req: _Request) -> None:
         req.timer = None
         if req.provider.served.get(req.id) is req:
-            self._release(req, TimeoutError(f"Server call {clip(req.command)!r} timed out"), late=True)
+            self._release(
+                req, TimeoutError(f"Server call {clip(req.command)!r} timed out"), late=True
+            )
 
     def _release(
         self,

@@ -10,7 +10,7 @@
 
 The connection has its own I/O thread and serves calls on a worker pool, so a cell that blocks
 (in ``server.call`` or anywhere else) does not stop the kernel from serving. What a function
-prints while serving a call is captured for that call (see :mod:`anvil_nb._output`).
+prints while serving a call is captured for that call (see :mod:`anvil_nb.client.capture`).
 """
 
 from __future__ import annotations
@@ -23,23 +23,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from anvil_nb import _output, _runtime, portable
-from anvil_nb.apps import DEFAULT_APP, app_name
-from anvil_nb.client import Client, functions
-from anvil_nb.errors import AnvilError, AppOfflineError
-from anvil_nb.events import EventBus
+from anvil_nb import runtime
+from anvil_nb.client.client import Client, capture, functions
+from anvil_nb.config import DEFAULT_APP, ENV_KEY, ENV_NOTEBOOK, ENV_ROOT, ENV_URL, app_name
+from anvil_nb.core import portable
+from anvil_nb.core.errors import AnvilError, AppOfflineError
+from anvil_nb.core.events import EventBus
 
-__all__ = ["ENV_KEY", "ENV_URL", "events", "follow", "format_status", "join", "leave", "status"]
+__all__ = ["events", "follow", "format_status", "join", "leave", "status"]
 
-log = logging.getLogger("anvil_nb.kernel")
+log = logging.getLogger("anvil_nb.jupyter.kernel")
 
-ENV_URL = "ANVIL_NB_URL"
-ENV_KEY = "ANVIL_NB_SERVER_KEY"
-#: Set by jupyter_server for a kernel started for a notebook: the notebook's path (absolute when
-#: the frontend names the file, as JupyterLab does), which names the app the kernel joins.
-ENV_NOTEBOOK = "JPY_SESSION_NAME"
-#: Set by the extension: the server's root dir, which notebook paths are relative to.
-ENV_ROOT = "ANVIL_NB_ROOT"
 
 # Portable classes anvil_nb itself registers; not shown as the kernel's own.
 _BUILTIN_CLASSES = frozenset({"anvil.server._LoadAppResponse"})
@@ -64,7 +58,7 @@ class Joined:
 _joined: Joined | None = None
 
 #: Everything this process's connection reports (calls served and made, sessions, capability
-#: updates, registrations), whichever client :mod:`anvil_nb._runtime` holds now: this kernel's
+#: updates, registrations), whichever client :mod:`anvil_nb.runtime` holds now: this kernel's
 #: (``%load_ext``, ``%anvil connect``), ``server.connect``'s, or the embedded host's of a plain
 #: process. Widgets subscribe here once and keep working across reconnections and new clients.
 events = EventBus()
@@ -81,7 +75,7 @@ _watching: weakref.WeakKeyDictionary[Client, dict[str, Any]] = weakref.WeakKeyDi
 def follow(client: Client | None, watch: bool = False) -> dict[str, Any] | None:
     """Feed *client*'s events into :data:`events`, instead of the previous client's.
 
-    :mod:`anvil_nb._runtime` calls this whenever the process's default client changes, so the
+    :mod:`anvil_nb.runtime` calls this whenever the process's default client changes, so the
     bus always carries the client in use. A trusted client also has the host push registration
     changes (``Client.watch_registry``, which the client renews after reconnecting) when *watch*
     is set or someone listens to :data:`events`; returns the host's answer then
@@ -112,7 +106,7 @@ def follow(client: Client | None, watch: bool = False) -> dict[str, Any] | None:
     return None
 
 
-_runtime.on_client_change(follow)
+runtime.on_client_change(follow)
 
 
 def notebook_app() -> str | None:
@@ -158,24 +152,24 @@ def join(url: str | None = None, key: str | None = None, app: str | None = None)
     elif _joined is not None:
         leave_quietly = _joined  # connected to the new host first: now let the old one go
         _joined = None
-        _runtime.set_client(None)
+        runtime.set_client(None)
         if leave_quietly.embedded:
-            _runtime.disconnect()
+            runtime.disconnect()
     joined.client.capture_output = True
     state = follow(joined.client, watch=True)  # now: set_client below follows it again (no-op)
     if state is not None:
         joined.peer_name = state.get("you")
         joined.registrations = state.get("registrations") or {}
-    _output.install()
+    capture.install()
     # A kernel that joined a host stays with it (never falls back to an embedded one).
-    _runtime.set_client(joined.client, remote=None if joined.embedded else joined.url)
+    runtime.set_client(joined.client, remote=None if joined.embedded else joined.url)
     _joined = joined
     report_classes()
     return joined
 
 
 def _join_remote(url: str, key: str, app: str | None = None) -> Joined:
-    from anvil_nb.transports.websocket import WebSocketTransport  # noqa: PLC0415 - loads tornado
+    from anvil_nb.client.websocket import WebSocketTransport  # noqa: PLC0415 - loads tornado
 
     client = Client(WebSocketTransport(url, key, kind="server_module", app=app)).start()
     try:
@@ -193,11 +187,12 @@ def _join_remote(url: str, key: str, app: str | None = None) -> Joined:
 
 
 def _join_embedded() -> Joined:
-    from anvil_nb.apps import Keys  # noqa: PLC0415
+    from anvil_nb.config import Keys  # noqa: PLC0415
+    from anvil_nb.web.service import listen_embedded  # noqa: PLC0415 - loads tornado
 
-    ht = _runtime.embedded_host()
+    ht = runtime.embedded_host()
     keys = Keys.generate()
-    port = ht.listen(keys)
+    port = listen_embedded(ht, keys).port
     client = Client(ht.connect("server_module")).start()
     return Joined(
         f"ws://127.0.0.1:{port}/_/uplink",
@@ -212,7 +207,7 @@ def peer_name() -> str | None:
     """The name the host knows this kernel (or process) by, to mark its own registrations."""
     if _joined is not None:
         return _joined.peer_name
-    client = _runtime.current_client(start=False)  # a process without %load_ext
+    client = runtime.current_client(start=False)  # a process without %load_ext
     state = _watching.get(client) if client is not None else None
     return state.get("you") if state else None
 
@@ -232,8 +227,8 @@ def leave() -> None:
     global _joined
     if _joined is not None:
         _joined = None
-        _runtime.disconnect()
-        _output.uninstall()
+        runtime.disconnect()
+        capture.uninstall()
 
 
 def status() -> dict[str, Any]:

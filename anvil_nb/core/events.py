@@ -25,7 +25,7 @@ __all__ = [
     "SessionChanged",
 ]
 
-log = logging.getLogger("anvil_nb.events")
+log = logging.getLogger("anvil_nb.core.events")
 
 
 @dataclass(frozen=True, slots=True)

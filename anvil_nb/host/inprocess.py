@@ -1,6 +1,6 @@
 """A host in this process, and the transport that connects a client to it.
 
-:class:`HostThread` runs a :class:`~anvil_nb.host.Host` on its own asyncio loop in a daemon
+:class:`HostThread` runs a :class:`~anvil_nb.host.dispatcher.Host` on its own asyncio loop in a daemon
 thread; this is the embedded placement, and what ``server.call`` starts when there is no host.
 
 :class:`InProcessTransport` encodes every message to JSON bytes and decodes it on the other
@@ -18,10 +18,10 @@ import threading
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
-from anvil_nb import protocol
-from anvil_nb.errors import AnvilError
-from anvil_nb.host import Host
-from anvil_nb.transports.base import MessageHandler, Transport
+from anvil_nb.core import protocol
+from anvil_nb.core.errors import AnvilError
+from anvil_nb.core.transport import MessageHandler, Transport
+from anvil_nb.host.dispatcher import Host
 
 __all__ = ["HostThread", "InProcessTransport"]
 
@@ -43,6 +43,9 @@ class HostThread:
         self._thread = threading.Thread(target=self._run, name="anvil_nb-host", daemon=True)
         self._thread.start()
         self.host: Host = self.run(host)
+        #: Called on the host's thread by :meth:`stop` instead of ``host.close()`` (whoever put
+        #: the host on the network sets it, so the listener stops too).
+        self.on_stop: Callable[[], None] | None = None
 
     def _run(self) -> None:
         asyncio.set_event_loop(self.loop)
@@ -68,25 +71,6 @@ class HostThread:
         """Run ``fn(*args)`` on the host's thread soon, without waiting."""
         self.loop.call_soon_threadsafe(fn, *args)
 
-    def listen(self, keys: Any, address: str = "127.0.0.1", port: int = 0) -> int:
-        """Serve the host's routes over HTTP on *address* (an ephemeral port by default).
-
-        This is the embedded placement that scripts can reach: uplinks connect to
-        ``ws://address:port/_/uplink`` with *keys*. Returns the port. The listener applies the
-        host's limits before the upgrade too (idle and half-sent requests are closed after
-        ``handshake_timeout``; accept errors back off instead of spinning).
-        """
-        from anvil_nb.apps import KeyRing  # noqa: PLC0415
-        from anvil_nb.service import HostService  # noqa: PLC0415 - only listening needs tornado
-
-        def start() -> int:
-            self._service = HostService(KeyRing.of(keys), self.host)
-            bound = self._service.listen(address, port)
-            self._service.start()
-            return bound
-
-        return self.run(start)
-
     def connect(self, kind: str = "server_module", ip: str = "127.0.0.1") -> InProcessTransport:
         """A transport to this host, connecting as a peer of that caller type."""
         return InProcessTransport(self, kind=kind, ip=ip)
@@ -99,9 +83,8 @@ class HostThread:
             self._thread.join(5)
 
     def _close_all(self) -> None:
-        service = getattr(self, "_service", None)
-        if service is not None:
-            service.stop()  # the listener, the housekeeping, then the host
+        if self.on_stop is not None:
+            self.on_stop()  # e.g. the listener and the housekeeping, then the host
         else:
             self.host.close()
 

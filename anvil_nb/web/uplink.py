@@ -11,7 +11,7 @@ for unknown media or too much buffered media ends *this* connection with a fatal
 says what was wrong. While the peer is not reading what we send it, ``on_message`` returns a
 future that tornado waits for before it reads the next frame: we stop reading from that peer
 (backpressure instead of unbounded buffers). What one connection may cost (frame size, time to
-say hello, keep-alive, unread bytes) comes from the host's :class:`~anvil_nb.limits.Limits`;
+say hello, keep-alive, unread bytes) comes from the host's :class:`~anvil_nb.core.limits.Limits`;
 peer-supplied text reaches the log clipped, and warnings a peer can trigger at will are
 rate-limited.
 """
@@ -32,12 +32,12 @@ import tornado.web
 import tornado.websocket
 from tornado.ioloop import IOLoop
 
-from anvil_nb import protocol
-from anvil_nb.apps import DEFAULT_APP, KeyRing, Keys, app_name
-from anvil_nb.errors import ProtocolError
-from anvil_nb.host import Host
-from anvil_nb.logs import RateLimiter, clip
-from anvil_nb.transports.base import retrieve
+from anvil_nb.config import DEFAULT_APP, KeyRing, Keys, app_name
+from anvil_nb.core import protocol
+from anvil_nb.core.errors import ProtocolError
+from anvil_nb.core.logs import RateLimiter, clip
+from anvil_nb.core.transport import retrieve
+from anvil_nb.host.dispatcher import Host
 
 __all__ = ["BrowserHandler", "Keys", "UplinkHandler", "WebSocketPeer"]
 
@@ -160,7 +160,7 @@ def _describe(msg: dict[str, Any]) -> str:
 class UplinkHandler(tornado.websocket.WebSocketHandler):
     """``_/uplink``: one connection of an uplink (real ``anvil-uplink`` client or anvil_nb's).
 
-    What one connection may cost is bounded by the host's :class:`~anvil_nb.limits.Limits`,
+    What one connection may cost is bounded by the host's :class:`~anvil_nb.core.limits.Limits`,
     read here rather than from tornado's application settings (so every placement, Jupyter's
     too, applies the same ones):
 

@@ -21,7 +21,7 @@ A portable object's nested entries come before its own entry, and entries under 
 receiver can apply them in list order. Every crossing copies: the body is built from new
 containers, so two references to one dict arrive as two dicts. A cycle, a dict key that is not
 a str, an unregistered type or nesting deeper than :data:`MAX_DEPTH` raise
-:class:`~anvil_nb.errors.SerializationError` naming the path, e.g. ``msg['args'][0].friend``.
+:class:`~anvil_nb.core.errors.SerializationError` naming the path, e.g. ``msg['args'][0].friend``.
 
 :func:`deserialise` rebuilds the values in place in a freshly decoded message. Malformed
 entries raise ``SerializationError`` naming the entry; they never raise anything else.
@@ -37,12 +37,12 @@ import sys
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from anvil_nb import portable
-from anvil_nb.capability import Capability
-from anvil_nb.errors import SerializationError
-from anvil_nb.liveobject import LiveObjectProxy
-from anvil_nb.media import BlobMedia, LazyMedia, Media
-from anvil_nb.portable import SerializationInfo
+from anvil_nb.core import portable
+from anvil_nb.core.capability import Capability
+from anvil_nb.core.errors import SerializationError
+from anvil_nb.core.liveobject import LiveObjectProxy
+from anvil_nb.core.media import BlobMedia, LazyMedia, Media
+from anvil_nb.core.portable import SerializationInfo
 
 __all__ = ["MAX_DEPTH", "Encoded", "deserialise", "format_path", "serialise"]
 
@@ -227,7 +227,12 @@ class _Encoder:
         if isinstance(v, Media):
             media_id = self.new_media_id()
             self.media.append((media_id, v))
-            return {"type": ["DataMedia"], "mime-type": v.content_type, "name": v.name, "id": media_id}
+            return {
+                "type": ["DataMedia"],
+                "mime-type": v.content_type,
+                "name": v.name,
+                "id": media_id,
+            }
         if isinstance(v, LiveObjectProxy):
             return v._to_wire(self.lo_methods)
         if isinstance(v, type) and portable.name_of_class(v) is not None:
@@ -411,6 +416,7 @@ def deserialise(
     media: Mapping[str, bytes] | None = None,
     remote_is_trusted: bool = True,
     capabilities: list[Capability] | None = None,
+    fetch_media: Callable[[dict[str, Any]], Media] | None = None,
 ) -> None:
     """Rebuild, in place, the values of a freshly decoded message.
 
@@ -425,6 +431,9 @@ def deserialise(
         Told to ``__deserialize__`` through ``SerializationInfo.remote_is_trusted``.
     capabilities : list, optional
         Every Capability rebuilt is appended to it.
+    fetch_media : callable, optional
+        How a ``LazyMedia`` rebuilt here fetches its bytes (over the connection it came by):
+        ``fetch_media(spec) -> Media``. Without it, ``get_bytes()`` on one raises.
 
     Raises
     ------
@@ -437,11 +446,11 @@ def deserialise(
         return
     if not isinstance(objects, list):
         raise SerializationError(f"'objects' must be a list, not {type(objects).__name__}")
-    lo_methods: dict[str, Any] = {}
+    reading = _Reading(fetch_media)
     if vt_global is not None:
         message["vt_global"] = vt_global  # entries may point into it; removed again below
     try:
-        _apply_entries(message, objects, media, remote_is_trusted, capabilities, lo_methods)
+        _apply_entries(message, objects, media, remote_is_trusted, capabilities, reading)
     finally:
         message.pop("vt_global", None)
 
@@ -452,7 +461,7 @@ def _apply_entries(
     media: Mapping[str, bytes] | None,
     remote_is_trusted: bool,
     capabilities: list[Capability] | None,
-    lo_methods: dict[str, Any],
+    reading: _Reading,
 ) -> SerializationInfo | None:
     infos = _Infos(root, remote_is_trusted)
     for entry in objects:
@@ -464,7 +473,7 @@ def _apply_entries(
             if t in {"ValueType", "ClassType"}:
                 parent[key] = _portable_value(t, entry, parent[key], path, infos)
                 break
-            value = _rebuild_value(t, entry, media, lo_methods, path)
+            value = _rebuild_value(t, entry, media, reading, path)
             if value is not _UNKNOWN:
                 if capabilities is not None and type(value) is Capability:
                     capabilities.append(value)
@@ -507,11 +516,15 @@ class _Infos:
         if path[0] == "vt_global":
             return self.shared
         if self.main is None:
-            self.main = SerializationInfo(self.root.get("vt_global"), remote_is_trusted=self.trusted)
+            self.main = SerializationInfo(
+                self.root.get("vt_global"), remote_is_trusted=self.trusted
+            )
         return self.main
 
 
-def _portable_value(t: str, entry: dict[str, Any], data: Any, path: list[Any], infos: _Infos) -> Any:
+def _portable_value(
+    t: str, entry: dict[str, Any], data: Any, path: list[Any], infos: _Infos
+) -> Any:
     """A ``ClassType`` entry's class, or a ``ValueType`` entry's object rebuilt from *data*."""
     name = entry.get("typeName")
     cls = portable.class_for_name(name) if isinstance(name, str) else None
@@ -534,14 +547,14 @@ def _rebuild_value(
     t: Any,
     entry: dict[str, Any],
     media: Mapping[str, bytes] | None,
-    lo_methods: dict[str, Any],
+    reading: _Reading,
     path: list[Any],
 ) -> Any:
     reader = _READERS.get(t)
     if reader is None:
         return _UNKNOWN
     try:
-        return reader(entry, media, lo_methods)
+        return reader(entry, media, reading)
     except SerializationError:
         raise
     except (TypeError, ValueError, KeyError, IndexError) as exc:
@@ -565,7 +578,17 @@ def _read_data_media(entry: dict[str, Any], media: Mapping[str, bytes] | None, *
     )
 
 
-#: How each wire type of an ``objects`` entry is read: ``reader(entry, media, lo_methods)``.
+class _Reading:
+    """What the readers of one message share: the LiveObject methods seen, the media fetcher."""
+
+    __slots__ = ("fetch_media", "lo_methods")
+
+    def __init__(self, fetch_media: Callable[[dict[str, Any]], Media] | None):
+        self.fetch_media = fetch_media
+        self.lo_methods: dict[str, Any] = {}
+
+
+#: How each wire type of an ``objects`` entry is read: ``reader(entry, media, reading)``.
 _READERS: dict[str, Callable[..., Any]] = {
     "Long": lambda e, *_: _parse_long(e.get("value")),
     "Float": lambda e, *_: _FLOATS[e.get("value")],
@@ -573,8 +596,8 @@ _READERS: dict[str, Callable[..., Any]] = {
     "DateTime": lambda e, *_: _parse_datetime(e["value"]) if e.get("value") else None,
     "Capability": _read_capability,
     "DataMedia": _read_data_media,
-    "LazyMedia": lambda e, *_: LazyMedia(e),
-    "LiveObject": lambda e, _media, lo_methods: LiveObjectProxy._from_wire(e, lo_methods),
+    "LazyMedia": lambda e, _media, reading: LazyMedia(e, reading.fetch_media),
+    "LiveObject": lambda e, _media, reading: LiveObjectProxy._from_wire(e, reading.lo_methods),
     "Primitive": lambda e, *_: e.get("value"),
 }
 

@@ -1,4 +1,10 @@
-"""Apps and their keys: one host serves many apps, and the uplink key selects the app.
+"""Configuration in one place: the data dir, the environment variables, apps and their keys.
+
+* :func:`default_data_dir`: where a host keeps its apps, keys and sessions unless told
+  otherwise (``anvil-nb serve --data-dir``, ``c.AnvilNB.data_dir``).
+* ``ENV_*``: the environment a kernel reads to find its host and its notebook (the Jupyter
+  extension sets the first three; jupyter_server sets ``JPY_SESSION_NAME``).
+* Apps and their keys: one host serves many apps, and the uplink key selects the app.
 
 An *app* is what Anvil calls an app: a name, its own server key and client key, and (on the
 host) its own registry and sessions. The app ``default`` always exists. A :class:`KeyRing`
@@ -23,7 +29,35 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DEFAULT_APP", "KeyRing", "Keys", "app_name"]
+import platformdirs
+
+__all__ = [
+    "DEFAULT_APP",
+    "ENV_KEY",
+    "ENV_NOTEBOOK",
+    "ENV_ROOT",
+    "ENV_URL",
+    "KeyRing",
+    "Keys",
+    "app_name",
+    "default_data_dir",
+]
+
+#: The uplink URL of the host a kernel joins (set by the Jupyter extension).
+ENV_URL = "ANVIL_NB_URL"
+#: That host's server key for the ``default`` app (set by the Jupyter extension).
+ENV_KEY = "ANVIL_NB_SERVER_KEY"
+#: The Jupyter server's root dir, which notebook paths are relative to (set by the extension).
+ENV_ROOT = "ANVIL_NB_ROOT"
+#: Set by jupyter_server for a kernel started for a notebook: the notebook's path (absolute when
+#: the frontend names the file, as JupyterLab does), which names the app the kernel joins.
+ENV_NOTEBOOK = "JPY_SESSION_NAME"
+
+
+def default_data_dir() -> Path:
+    """Where apps, keys and sessions are kept by default (the user's data dir)."""
+    return Path(platformdirs.user_data_dir("anvil_nb", appauthor=False))
+
 
 #: The app that always exists; a kernel without a notebook, and every script that uses the
 #: host's own keys, joins it.

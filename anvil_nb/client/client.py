@@ -1,6 +1,6 @@
 """The runtime of a process connected to a host: it serves this process's callables and makes calls.
 
-A :class:`Client` joins one host through a :class:`~anvil_nb.transports.base.Transport` as a
+A :class:`Client` joins one host through a :class:`~anvil_nb.core.transport.Transport` as a
 provider and caller. It registers every function of its :class:`FunctionRegistry`, then
 
 * for each CALL from the host: rebuilds the arguments, builds the :class:`CallContext` and the
@@ -18,7 +18,7 @@ Connection loss. Calls in flight when the connection drops fail at once with
 dropped: the host has already failed them). While a reconnecting transport (the WebSocket
 one) is down, new calls wait for the connection to come back, at most ``offline_wait``
 seconds (:data:`OFFLINE_WAIT` by default), then fail with ``AppOfflineError`` naming the host.
-A host that refused the key (:data:`~anvil_nb.transports.base.KEY_REFUSALS`) is not tried
+A host that refused the key (:data:`~anvil_nb.core.transport.KEY_REFUSALS`) is not tried
 again: every call fails at once with ``AppOfflineError("Anvil fatal error: <the host's text>")``.
 
 Receipt. The client applies the host's rule to what it receives (DESIGN.md, "The host builds
@@ -45,10 +45,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from anvil_nb import _output, protocol
-from anvil_nb.capability import Capability, scope_key
-from anvil_nb.context import CallContext
-from anvil_nb.errors import (
+from anvil_nb.client import capture
+from anvil_nb.core import protocol
+from anvil_nb.core.capability import Capability, scope_key
+from anvil_nb.core.context import CallContext
+from anvil_nb.core.errors import (
     AnvilError,
     AppOfflineError,
     NoServerFunctionError,
@@ -60,7 +61,7 @@ from anvil_nb.errors import (
     error_to_wire,
     trace_of,
 )
-from anvil_nb.events import (
+from anvil_nb.core.events import (
     CallFinished,
     CallStarted,
     CapabilityUpdated,
@@ -69,9 +70,9 @@ from anvil_nb.events import (
     RegistrySnapshot,
     SessionChanged,
 )
-from anvil_nb.logs import RateLimiter, clip
-from anvil_nb.serialise import deserialise, serialise
-from anvil_nb.transports.base import KEY_REFUSALS, Transport
+from anvil_nb.core.logs import RateLimiter, clip
+from anvil_nb.core.serialise import deserialise, serialise
+from anvil_nb.core.transport import KEY_REFUSALS, Transport
 
 __all__ = [
     "OFFLINE_WAIT",
@@ -83,7 +84,7 @@ __all__ = [
     "reset_current_session",
 ]
 
-log = logging.getLogger("anvil_nb.client")
+log = logging.getLogger("anvil_nb.client.client")
 
 _PRIV_TYPES = {"uplink": "uplink", "client": "client_uplink", "server_module": "server_module"}
 
@@ -260,7 +261,7 @@ class Client:
         self.fatal: str | None = None
         self.offline_wait = OFFLINE_WAIT if offline_wait is None else float(offline_wait)
         self._watching = False
-        #: Capture what calls print (see :mod:`anvil_nb._output`; kernels turn it on).
+        #: Capture what calls print (see :mod:`anvil_nb.client.capture`; kernels turn it on).
         self.capture_output = False
         self._pending: dict[str, _Pending] = {}
         self._id_prefix = secrets.token_hex(4) + "-"
@@ -488,7 +489,7 @@ class Client:
         )
         _current.set(state)
         if self.capture_output:
-            state.output = _output.start_capture()
+            state.output = capture.start_capture()
         try:
             _check_received(msg.get("objects"), protocol.CALL_ROOTS, "The call was refused")
             entry = self.functions.lookup(command)
@@ -498,7 +499,11 @@ class Client:
                 )
             state.session = self._load_session(msg.get("sessionData"))
             deserialise(
-                msg, media=media, remote_is_trusted=trusted, capabilities=state.capabilities
+                msg,
+                media=media,
+                remote_is_trusted=trusted,
+                capabilities=state.capabilities,
+                fetch_media=self._fetch_media,
             )
             for cap in state.capabilities:
                 cap._validity = self._capability_is_valid
@@ -608,9 +613,7 @@ class Client:
                 SessionChanged(time.time(), state.session_id, "saved", dict(state.session))
             )
 
-    def _send_answer(
-        self, state: CallState, msg: dict[str, Any], media: dict[str, bytes]
-    ) -> None:
+    def _send_answer(self, state: CallState, msg: dict[str, Any], media: dict[str, bytes]) -> None:
         try:
             try:
                 self.transport.send(msg, media)
@@ -622,12 +625,16 @@ class Client:
         except Exception:
             log.exception("could not send the response to %s", clip(state.request_id))
 
+    def _fetch_media(self, spec: dict[str, Any]) -> Any:
+        """The bytes of a ``LazyMedia`` that came by this connection, from the host that sent it."""
+        return self.call("anvil.private.fetch_lazy_media", spec)
+
     def _load_session(self, blob: Any, *, where: str = "The call was refused") -> dict[str, Any]:
         if not isinstance(blob, dict) or blob.get("session") is None:
             return {}
         _check_received(blob.get("objects"), protocol.SESSION_ROOTS, where, "sessionData")
         blob = {k: blob.get(k) for k in ("session", "objects", "vt_global")}
-        deserialise(blob, remote_is_trusted=True)
+        deserialise(blob, remote_is_trusted=True, fetch_media=self._fetch_media)
         session = blob.get("session")
         return session if isinstance(session, dict) else {}
 
@@ -787,7 +794,13 @@ class Client:
             if state is not None and isinstance(msg.get("sessionData"), dict):
                 session = self._load_session(msg["sessionData"], where=where)
             caps: list[Capability] = []
-            deserialise(msg, media=media, remote_is_trusted=True, capabilities=caps)
+            deserialise(
+                msg,
+                media=media,
+                remote_is_trusted=True,
+                capabilities=caps,
+                fetch_media=self._fetch_media,
+            )
         except Exception as exc:
             self._emit_made(pending, error=exc)
             raise

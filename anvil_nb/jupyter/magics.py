@@ -6,7 +6,7 @@ a portable class. Registrations belong to the cell: re-running it replaces them,
 removed from the cell is unregistered. A cell that raises registers nothing.
 
 ``%anvil status [--server-key]``, ``%anvil connect URL KEY`` and ``%anvil dashboard`` look at
-and steer the kernel's connection (see :mod:`anvil_nb.kernel`).
+and steer the kernel's connection (see :mod:`anvil_nb.jupyter.kernel`).
 """
 
 from __future__ import annotations
@@ -20,9 +20,10 @@ from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 
-from anvil_nb import kernel, portable
-from anvil_nb.client import functions
-from anvil_nb.errors import AnvilError
+from anvil_nb.client.client import functions
+from anvil_nb.core import portable
+from anvil_nb.core.errors import AnvilError
+from anvil_nb.jupyter import kernel
 
 __all__ = ["AnvilMagics", "load", "unload"]
 
