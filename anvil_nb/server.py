@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterator, MutableMapping
 from typing import Any, TypeVar, overload
 
 from anvil_nb import runtime
+from anvil_nb.client import capture
 from anvil_nb.client.client import Client, current_call, functions, reset_current_session
 from anvil_nb.core.capability import Capability, unwrap_capability
 from anvil_nb.core.context import CallContext, ClientInfo, Location, StackFrame
@@ -242,10 +243,8 @@ def disconnect() -> None:
     Everything ends: calls in flight fail, and the process is as if it had never connected
     (a later ``server.call`` starts an embedded host, a later ``connect`` joins a host).
     """
-    from anvil_nb.jupyter import kernel  # noqa: PLC0415 - a kernel that joined with %load_ext leaves properly
-
-    kernel.leave()
     runtime.disconnect()
+    capture.uninstall()  # a kernel's output capture (``%load_ext``) ends with its connection
 
 
 def wait_forever() -> None:

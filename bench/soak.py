@@ -763,7 +763,7 @@ KEYS = ["type", "id", "command", "args", "kwargs", "objects", "response", "error
         "requestId", "mediaId", "chunkIndex", "lastChunk", "key", "v", "output", "auth",
         "call-stack", "client", "originating-call", "backend", "mime-type", "cause"]  # fmt: skip
 COMMANDS = ["echo", "anvil.private.echo", "anvil.private.reset_session", "task:x", "http:/a",
-            "anvil.private.capability_is_valid", "anvil.private.watch_registry", ".*", "(a+)+$",
+            "anvil.private.capability_is_valid", "anvil.private.watch_events", ".*", "(a+)+$",
             "anvil.private.host_state", "anvil.private.get_session_id", "(unclosed", "e.*"]  # fmt: skip
 ENTRY_TYPES = ["Capability", "DataMedia", "ValueType", "Primitive", "Date", "LiveObject", "Long", "x"]  # fmt: skip
 PATH_PARTS = ["args", "kwargs", "response", "sessionData", "session", "call-stack", "client",
@@ -1020,80 +1020,74 @@ def until(pred: Callable[[], bool], timeout: float, step: float = 0.05) -> bool:
 def scenario_fuzz(run: Run) -> None:
     s, report = "fuzz", run.report
     duration = run.long(0.4, 20)
-    with Host(run, s) as host:
-        with contextlib.ExitStack() as stack:
-            stack.enter_context(Provider(run, host, ("echo",)))
-            callers = Callers(run, host, CALLERS, "f", stack)
-            t0 = time.monotonic()
-            fuzz_from, fuzz_to = t0 + 0.1 * duration, t0 + 0.9 * duration
-            time.sleep(max(0.0, fuzz_from - time.monotonic()))
-            stats = [FuzzStats() for _ in range(4)]
-            threads = [
-                threading.Thread(
-                    target=fuzz_connections,
-                    args=(host, Fuzzer(run.seed * 1000 + k, ["echo", "stats"]), fuzz_to, stats[k], 200_000),
-                    name=f"fuzz-{k}", daemon=True,
-                )
-                for k in range(len(stats))
-            ]  # fmt: skip
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join(max(1.0, fuzz_to - time.monotonic()) + 30)
-            time.sleep(max(0.0, t0 + duration - time.monotonic()))
-            callers.stop()
-            tally = callers.merged()
-            alive = host.alive()
-            kinds: collections.Counter[str] = collections.Counter()
-            refused: collections.Counter[str] = collections.Counter()
-            for st in stats:
-                kinds.update(st.kinds)
-                refused.update(st.refused)
-            frames = sum(st.frames for st in stats)
-            conns = sum(st.connections for st in stats)
-            closed = sum(st.closed_by_host for st in stats)
-            report.add(s, "frames fuzzed", f"{frames:,} in {fuzz_to - fuzz_from:.0f} s ({counts(kinds)})")  # fmt: skip
-            report.add(s, "connections", f"{conns:,} ({closed:,} closed by the host mid-batch; failed to open or say hello: {counts(refused)})")  # fmt: skip
-            report.add(s, "legit calls made", f"{tally.total:,} by {CALLERS} callers in {duration:.0f} s")  # fmt: skip
-            try:
-                provider = provider_stats(host)
-                serving = True
-            except Exception as exc:  # the figure is whether this works
-                provider, serving = {}, False
-                report.add(s, "new connection after fuzzing", f"failed: {exc}", False)
-            report_integrity(run, s, tally, provider)
-            report.add(s, "host alive at the end and serving a new connection", f"{alive} / {serving}", alive and serving)  # fmt: skip
-            tracebacks = host.traceback_lines()
-            report.add(s, "host log lines with 'Traceback'", f"{tracebacks} (log {host.log_bytes():,} bytes)", tracebacks == 0)  # fmt: skip
-        finish_host(run, s, host)
+    with hosting(run, s) as (host, _, stack):
+        callers = Callers(run, host, CALLERS, "f", stack)
+        t0 = time.monotonic()
+        fuzz_from, fuzz_to = t0 + 0.1 * duration, t0 + 0.9 * duration
+        time.sleep(max(0.0, fuzz_from - time.monotonic()))
+        stats = [FuzzStats() for _ in range(4)]
+        threads = [
+            threading.Thread(
+                target=fuzz_connections,
+                args=(host, Fuzzer(run.seed * 1000 + k, ["echo", "stats"]), fuzz_to, stats[k], 200_000),
+                name=f"fuzz-{k}", daemon=True,
+            )
+            for k in range(len(stats))
+        ]  # fmt: skip
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(max(1.0, fuzz_to - time.monotonic()) + 30)
+        time.sleep(max(0.0, t0 + duration - time.monotonic()))
+        callers.stop()
+        tally = callers.merged()
+        alive = host.alive()
+        kinds: collections.Counter[str] = collections.Counter()
+        refused: collections.Counter[str] = collections.Counter()
+        for st in stats:
+            kinds.update(st.kinds)
+            refused.update(st.refused)
+        frames = sum(st.frames for st in stats)
+        conns = sum(st.connections for st in stats)
+        closed = sum(st.closed_by_host for st in stats)
+        report.add(s, "frames fuzzed", f"{frames:,} in {fuzz_to - fuzz_from:.0f} s ({counts(kinds)})")  # fmt: skip
+        report.add(s, "connections", f"{conns:,} ({closed:,} closed by the host mid-batch; failed to open or say hello: {counts(refused)})")  # fmt: skip
+        report.add(s, "legit calls made", f"{tally.total:,} by {CALLERS} callers in {duration:.0f} s")  # fmt: skip
+        try:
+            provider = provider_stats(host)
+            serving = True
+        except Exception as exc:  # the figure is whether this works
+            provider, serving = {}, False
+            report.add(s, "new connection after fuzzing", f"failed: {exc}", False)
+        report_integrity(run, s, tally, provider)
+        report.add(s, "host alive at the end and serving a new connection", f"{alive} / {serving}", alive and serving)  # fmt: skip
+        tracebacks = host.traceback_lines()
+        report.add(s, "host log lines with 'Traceback'", f"{tracebacks} (log {host.log_bytes():,} bytes)", tracebacks == 0)  # fmt: skip
 
 
 def scenario_load(run: Run) -> None:
     s, report = "load", run.report
     duration = run.long(0.4, 20)
-    with Host(run, s) as host:
-        with contextlib.ExitStack() as stack:
-            stack.enter_context(Provider(run, host, ("echo",)))
-            callers = Callers(run, host, CALLERS, "l", stack)
-            rss_start, cpu0 = host.rss(), host.cpu()
-            t0 = time.monotonic()
-            rss_10k: int | None = None
-            while time.monotonic() < t0 + duration:
-                time.sleep(0.05)
-                if rss_10k is None and callers.total() >= 10_000:
-                    rss_10k = host.rss()
-            callers.stop()
-            elapsed = time.monotonic() - t0
-            rss_end, cpu = host.rss(), host.cpu() - cpu0
-            tally = callers.merged()
-            report.add(s, "calls total", f"{tally.total:,} in {elapsed:.0f} s ({tally.total / elapsed:,.0f} calls/s, host CPU {cpu / max(1, tally.total) * 1e6:,.0f} µs/call)")  # fmt: skip
-            report_integrity(run, s, tally, provider_stats(host))
-            if rss_10k is None:
-                report.add(s, "host RSS start / after 10k calls / end", f"{mib(rss_start)} / (10k calls not reached) / {mib(rss_end)}")  # fmt: skip
-            else:
-                flat = rss_end <= rss_10k * 1.10 + 4 * MIB
-                report.add(s, "host RSS start / after 10k calls / end", f"{mib(rss_start)} / {mib(rss_10k)} / {mib(rss_end)} ({'flat' if flat else 'growing'} after 10k)", flat)  # fmt: skip
-        finish_host(run, s, host)
+    with hosting(run, s) as (host, _, stack):
+        callers = Callers(run, host, CALLERS, "l", stack)
+        rss_start, cpu0 = host.rss(), host.cpu()
+        t0 = time.monotonic()
+        rss_10k: int | None = None
+        while time.monotonic() < t0 + duration:
+            time.sleep(0.05)
+            if rss_10k is None and callers.total() >= 10_000:
+                rss_10k = host.rss()
+        callers.stop()
+        elapsed = time.monotonic() - t0
+        rss_end, cpu = host.rss(), host.cpu() - cpu0
+        tally = callers.merged()
+        report.add(s, "calls total", f"{tally.total:,} in {elapsed:.0f} s ({tally.total / elapsed:,.0f} calls/s, host CPU {cpu / max(1, tally.total) * 1e6:,.0f} µs/call)")  # fmt: skip
+        report_integrity(run, s, tally, provider_stats(host))
+        if rss_10k is None:
+            report.add(s, "host RSS start / after 10k calls / end", f"{mib(rss_start)} / (10k calls not reached) / {mib(rss_end)}")  # fmt: skip
+        else:
+            flat = rss_end <= rss_10k * 1.10 + 4 * MIB
+            report.add(s, "host RSS start / after 10k calls / end", f"{mib(rss_start)} / {mib(rss_10k)} / {mib(rss_end)} ({'flat' if flat else 'growing'} after 10k)", flat)  # fmt: skip
 
 
 def scenario_slow(run: Run) -> None:
@@ -1195,18 +1189,43 @@ def pending_failures(host: Host, provider: Provider, sig: int, wait: float, stac
     return [d - t0 for d in done if d is not None], kinds
 
 
+@contextlib.contextmanager
+def hosting(run: Run, s: str, names: Sequence[str] = ("echo",), flags: Sequence[str] = ()) -> Iterator[tuple[Host, Provider, contextlib.ExitStack]]:  # fmt: skip
+    """A host (with *flags*) and a provider of *names*, and a stack for what the scenario opens.
+
+    At the end of the ``with`` block the stack is closed, the provider stopped, and the host
+    finished (:func:`finish_host`: its exit status and log are figures too).
+    """
+    with Host(run, s, flags) as host:
+        with contextlib.ExitStack() as stack:
+            provider = stack.enter_context(Provider(run, host, names))
+            yield host, provider, stack
+        finish_host(run, s, host)
+
+
+@contextlib.contextmanager
+def provider_lost(run: Run, s: str, sig: int, wait: float, flags: Sequence[str] = ()) -> Iterator[tuple[list[float], collections.Counter[str]]]:  # fmt: skip
+    """A host (with *flags*) and a provider of ``echo`` and ``slow``; the provider gets *sig*
+    while 16 callers wait in ``slow``: yields how long each caller took to fail, and how.
+
+    The provider is gone by then (a stopped one is killed: it would not see SIGTERM); the host
+    is finished (:func:`finish_host`) after the ``with`` block.
+    """
+    with hosting(run, s, ("echo", "slow"), flags) as (host, provider, stack):
+        failures = pending_failures(host, provider, sig, wait, stack)
+        if sig == signal.SIGSTOP:
+            os.kill(provider.pid, signal.SIGKILL)
+        yield failures
+
+
 def scenario_provider_death(run: Run) -> None:
     s = "provider-death"
-    with Host(run, s) as host:
-        with contextlib.ExitStack() as stack:
-            provider = stack.enter_context(Provider(run, host, ("echo", "slow")))
-            times, kinds = pending_failures(host, provider, signal.SIGKILL, 20, stack)
-            good = kinds["UplinkDisconnectedError"] == CALLERS and max(times, default=99) < 2.0
-            run.report.add(
-                s, f"ms until all {CALLERS} pending callers failed after SIGKILL",
-                f"{spread(times, 'ms', 1e3)} ({counts(kinds)})", good,
-            )  # fmt: skip
-        finish_host(run, s, host)
+    with provider_lost(run, s, signal.SIGKILL, 20) as (times, kinds):
+        good = kinds["UplinkDisconnectedError"] == CALLERS and max(times, default=99) < 2.0
+        run.report.add(
+            s, f"ms until all {CALLERS} pending callers failed after SIGKILL",
+            f"{spread(times, 'ms', 1e3)} ({counts(kinds)})", good,
+        )  # fmt: skip
 
 
 def scenario_provider_freeze(run: Run) -> None:
@@ -1217,82 +1236,70 @@ def scenario_provider_freeze(run: Run) -> None:
     else:
         run.report.add(s, "--ping-interval/--ping-timeout", "not supported by this anvil-nb serve")
     for label, flags, expected in cases:
-        with Host(run, s, flags) as host:
-            with contextlib.ExitStack() as stack:
-                provider = stack.enter_context(Provider(run, host, ("echo", "slow")))
-                times, kinds = pending_failures(
-                    host, provider, signal.SIGSTOP, expected + 20, stack
-                )
-                os.kill(provider.pid, signal.SIGKILL)
-                good = (
-                    kinds["UplinkDisconnectedError"] == CALLERS
-                    and max(times, default=99) <= expected + 1.5
-                )
-                run.report.add(
-                    s, f"s until {CALLERS} pending callers failed after SIGSTOP, {label}",
-                    f"{spread(times, 's', 1, 1)} ({counts(kinds)}; expected <= {expected:g} s)", good,
-                )  # fmt: skip
-            finish_host(run, s, host)
+        with provider_lost(run, s, signal.SIGSTOP, expected + 20, flags) as (times, kinds):
+            good = (
+                kinds["UplinkDisconnectedError"] == CALLERS
+                and max(times, default=99) <= expected + 1.5
+            )
+            run.report.add(
+                s, f"s until {CALLERS} pending callers failed after SIGSTOP, {label}",
+                f"{spread(times, 's', 1, 1)} ({counts(kinds)}; expected <= {expected:g} s)", good,
+            )  # fmt: skip
 
 
 def scenario_restart(run: Run) -> None:
     s, report = "restart", run.report
     kills = 3
-    with Host(run, s) as host:
-        with contextlib.ExitStack() as stack:
-            stack.enter_context(Provider(run, host, ("echo",)))
-            callers = Callers(run, host, CALLERS, "r", stack, keep_events=True)
+    with hosting(run, s) as (host, _, stack):
+        callers = Callers(run, host, CALLERS, "r", stack, keep_events=True)
+        time.sleep(3)
+        windows: list[tuple[float, float, float]] = []  # (kill, ready, every caller back)
+        for _ in range(kills):
+            t_kill = time.monotonic()
+            host.kill()
+            ready = host.start()
+            until(lambda ready=ready: all(t.last_ok > ready for t in callers.tallies), 40, 0.02)
+            windows.append((t_kill, ready, time.monotonic()))
             time.sleep(3)
-            windows: list[tuple[float, float, float]] = []  # (kill, ready, every caller back)
-            for _ in range(kills):
-                t_kill = time.monotonic()
-                host.kill()
-                ready = host.start()
-                until(lambda ready=ready: all(t.last_ok > ready for t in callers.tallies), 40, 0.02)
-                windows.append((t_kill, ready, time.monotonic()))
-                time.sleep(3)
-            callers.stop()
-            first: list[float] = []
-            every: list[float] = []
-            for k, (_, ready, _) in enumerate(windows):
-                nxt = windows[k + 1][0] if k + 1 < len(windows) else float("inf")
-                per_caller = []
-                for tally in callers.tallies:
-                    assert tally.events is not None
-                    oks = [
-                        t1 for (_, t1, kind) in tally.events if kind == "ok" and ready < t1 < nxt
-                    ]
-                    per_caller.append(min(oks) - ready if oks else float("inf"))
-                first.append(min(per_caller))
-                every.append(max(per_caller))
-            in_flight: collections.Counter[str] = collections.Counter()
-            outage: collections.Counter[str] = collections.Counter()
-            lost: collections.Counter[str] = collections.Counter()
+        callers.stop()
+        first: list[float] = []
+        every: list[float] = []
+        for k, (_, ready, _) in enumerate(windows):
+            nxt = windows[k + 1][0] if k + 1 < len(windows) else float("inf")
+            per_caller = []
             for tally in callers.tallies:
                 assert tally.events is not None
-                for t0, t1, kind in tally.events:
-                    if kind == "ok":
-                        continue
-                    w = next((w for w in reversed(windows) if t1 >= w[0]), None)
-                    if kind in ("hung", "mismatched") or w is None:
-                        lost[kind] += 1  # hung, wrong, or failed while no host was killed
-                    elif kind == "UplinkDisconnectedError" and t0 < w[1]:
-                        in_flight[kind] += 1  # sent before the new host was up
-                    elif t0 < w[2]:
-                        outage[kind] += 1  # made before every caller was back
-                    else:
-                        lost[kind] += 1
-            tally = callers.merged()
-            stats = provider_stats(host)
-            n_in = sum(in_flight.values())
-            n_lost = sum(lost.values())
-            report.add(s, "s from the new host's ready line to the first successful call", ", ".join(f"{x:.2f}" for x in first), max(first) < 15)  # fmt: skip
-            report.add(s, "s from the ready line until every caller had a successful call", ", ".join(f"{x:.2f}" for x in every), max(every) < 25)  # fmt: skip
-            report.add(s, "calls total", f"{tally.total:,} over {kills} kills")
-            report.add(s, "calls in flight at a kill that failed", f"{n_in} ({counts(in_flight)}; at most {CALLERS} per kill)", n_in <= CALLERS * kills)  # fmt: skip
-            report.add(s, "errors of calls made before every caller was back", counts(outage))
-            report.add(s, "calls lost otherwise / duplicated / mismatched", f"{n_lost} ({counts(lost)}) / {stats.get('dups')} / {tally.kinds['mismatched']}", n_lost == 0 and stats.get("dups") == 0)  # fmt: skip
-        finish_host(run, s, host)
+                oks = [t1 for (_, t1, kind) in tally.events if kind == "ok" and ready < t1 < nxt]
+                per_caller.append(min(oks) - ready if oks else float("inf"))
+            first.append(min(per_caller))
+            every.append(max(per_caller))
+        in_flight: collections.Counter[str] = collections.Counter()
+        outage: collections.Counter[str] = collections.Counter()
+        lost: collections.Counter[str] = collections.Counter()
+        for tally in callers.tallies:
+            assert tally.events is not None
+            for t0, t1, kind in tally.events:
+                if kind == "ok":
+                    continue
+                w = next((w for w in reversed(windows) if t1 >= w[0]), None)
+                if kind in ("hung", "mismatched") or w is None:
+                    lost[kind] += 1  # hung, wrong, or failed while no host was killed
+                elif kind == "UplinkDisconnectedError" and t0 < w[1]:
+                    in_flight[kind] += 1  # sent before the new host was up
+                elif t0 < w[2]:
+                    outage[kind] += 1  # made before every caller was back
+                else:
+                    lost[kind] += 1
+        tally = callers.merged()
+        stats = provider_stats(host)
+        n_in = sum(in_flight.values())
+        n_lost = sum(lost.values())
+        report.add(s, "s from the new host's ready line to the first successful call", ", ".join(f"{x:.2f}" for x in first), max(first) < 15)  # fmt: skip
+        report.add(s, "s from the ready line until every caller had a successful call", ", ".join(f"{x:.2f}" for x in every), max(every) < 25)  # fmt: skip
+        report.add(s, "calls total", f"{tally.total:,} over {kills} kills")
+        report.add(s, "calls in flight at a kill that failed", f"{n_in} ({counts(in_flight)}; at most {CALLERS} per kill)", n_in <= CALLERS * kills)  # fmt: skip
+        report.add(s, "errors of calls made before every caller was back", counts(outage))
+        report.add(s, "calls lost otherwise / duplicated / mismatched", f"{n_lost} ({counts(lost)}) / {stats.get('dups')} / {tally.kinds['mismatched']}", n_lost == 0 and stats.get("dups") == 0)  # fmt: skip
 
 
 def connect_and_call(host: Host, timeout: float) -> str:

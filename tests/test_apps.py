@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support import RawWS, ServeProc, stop_process, tail
+from support.processes import ServeProc, stop_process, tail
+from support.ws import RawWS
 
 from anvil_nb.client.client import Client, FunctionRegistry
 from anvil_nb.client.websocket import WebSocketTransport

@@ -13,7 +13,7 @@ import threading
 from typing import Any
 
 import pytest
-from support import wait_until
+from support.waiting import wait_until
 
 from anvil_nb import server
 from anvil_nb.client.client import Client, FunctionRegistry

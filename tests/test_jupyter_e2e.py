@@ -15,146 +15,45 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
-import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import pytest
 import websocket  # websocket-client, a dependency of jupyter_server
-from support import install_anvil_uplink
+from support.jupyter import WAIT, JupyterProcess, jupyter_env
+from support.uplink import install_anvil_uplink
+from support.waiting import wait_until
 
 from anvil_nb.client.client import Client, FunctionRegistry
 from anvil_nb.client.websocket import WebSocketTransport
 from anvil_nb.core.errors import NoServerFunctionError
 
 BASE_URL = "/jh/user/"
-START_WAIT = 30.0
-WAIT = 15.0
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_until(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
-    """Poll *predicate* until it returns something truthy; fail after *timeout* seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.05)  # poll interval, not a synchronisation
-
-
-class JupyterServer:
+class JupyterServer(JupyterProcess):
     """``jupyter server`` as a subprocess, reached over HTTP with its token."""
 
+    log_limit = 4000
+
     def __init__(self, tmp_path: Path):
-        self.port = free_port()
-        self.token = secrets.token_hex(16)
-        self.base = f"http://127.0.0.1:{self.port}{BASE_URL}"
-        self.data_dir = tmp_path / "anvil_data"
-        root = tmp_path / "root"
-        root.mkdir()
         jupyter = tmp_path / "jupyter"
-        env = {k: v for k, v in os.environ.items() if not k.startswith("ANVIL_NB_")}
-        env.update(
+        env = jupyter_env(
             JUPYTER_CONFIG_DIR=str(jupyter / "config"),  # no user config leaks in
             JUPYTER_RUNTIME_DIR=str(jupyter / "runtime"),
-            JUPYTER_PLATFORM_DIRS="1",
         )
-        self.log_path = tmp_path / "jupyter-server.log"
-        self._log = self.log_path.open("wb")
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "jupyter",
-                "server",
-                "--no-browser",
-                "--allow-root",
-                "--ServerApp.ip=127.0.0.1",
-                f"--ServerApp.port={self.port}",
-                "--ServerApp.port_retries=0",
-                f"--IdentityProvider.token={self.token}",
-                f"--ServerApp.base_url={BASE_URL}",
-                f"--ServerApp.root_dir={root}",
-                f"--AnvilNB.data_dir={self.data_dir}",
-            ],
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
-        try:
-            wait_until(self._ready, START_WAIT, "jupyter server to answer api/status")
-        except BaseException:
-            self.stop()
-            raise
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")[-4000:]
-
-    def _ready(self) -> bool:
-        if self.proc.poll() is not None:
-            raise AssertionError(
-                f"jupyter server exited with {self.proc.returncode}:\n{self.log()}"
-            )
-        try:
-            return self.request("GET", "api/status")[0] == 200
-        except (urllib.error.URLError, ConnectionError):
-            return False
-
-    def request(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
-        """An authenticated REST call; returns the status and the decoded JSON body (or None)."""
-        data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(
-            self.base + path,
-            data=data,
-            method=method,
-            headers={"Authorization": f"token {self.token}", "Content-Type": "application/json"},
-        )
-        try:
-            with urllib.request.urlopen(req, timeout=WAIT) as response:
-                raw = response.read()
-                return response.status, json.loads(raw) if raw else None
-        except urllib.error.HTTPError as err:
-            raw = err.read()
-            return err.code, raw.decode(errors="replace")
+        super().__init__("jupyter server", "jupyter server", tmp_path, env, BASE_URL)
 
     def anvil_state(self) -> dict[str, Any]:
         status, state = self.request("GET", "anvil/_/admin/state")
         assert status == 200, (status, state)
         return state
-
-    def stop(self) -> int | None:
-        """SIGTERM, a bounded wait, then SIGKILL; returns the exit status (None if killed)."""
-        code: int | None = None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                code = self.proc.wait(WAIT)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(WAIT)
-        else:
-            code = self.proc.returncode
-        self._log.close()
-        return code
 
 
 class KernelChannel:

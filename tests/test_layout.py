@@ -26,8 +26,8 @@ ALLOWED: dict[str, set[str]] = {
     "web": {"core", "config", "host", "web", "tornado"},
     "runtime": {"core", "config", "host", "client"},
     "media": {"core"},
-    "server": {"core", "config", "client", "runtime", "jupyter", "web"},
-    "widgets": {"core", "config", "client", "runtime", "widgets", "jupyter", "ipywidgets"},
+    "server": {"core", "config", "client", "runtime"},
+    "widgets": {"core", "config", "client", "runtime", "widgets", "ipywidgets"},
     "jupyter": {
         "core",
         "config",
@@ -92,3 +92,69 @@ def test_the_checker_sees_a_wrong_import(tmp_path):
         "def f():\n    from anvil_nb.host.dispatcher import Host\n    import tornado.web\n"
     )
     assert imported(bad) == {"host", "tornado"}
+
+
+def module_name(path: Path) -> str:
+    rel = path.relative_to(PACKAGE.parent).with_suffix("")
+    parts = list(rel.parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def edges(path: Path, known: set[str]) -> set[str]:
+    """The anvil_nb modules *path* imports (lazy imports too; ``TYPE_CHECKING`` blocks not)."""
+    tree = ast.parse(path.read_text())
+    skip = {
+        id(n)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+        for n in ast.walk(node)
+    }
+    out = set()
+    for node in ast.walk(tree):
+        if id(node) in skip:
+            continue
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            for a in node.names:
+                full = f"{node.module}.{a.name}"
+                out.add(full if full in known else node.module)
+    return {m for m in out if m in known}
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """A cycle of *graph* (``[a, b, ..., a]``), or None when it has none."""
+    state: dict[str, int] = {}
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return [*path[path.index(nxt) :], nxt]
+            if nxt not in state and (found := visit(nxt)):
+                return found
+        path.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (found := visit(node)):
+            return found
+    return None
+
+
+def test_no_module_of_the_package_imports_itself_in_a_circle():
+    known = {module_name(p) for p in MODULES}
+    cycle = find_cycle({module_name(p): edges(p, known) for p in MODULES})
+    assert cycle is None, "import cycle: " + " -> ".join(cycle or [])
+
+
+def test_the_cycle_finder_finds_a_lazy_cycle(tmp_path):
+    a = tmp_path / "a.py"
+    a.write_text("def f():\n    from anvil_nb import server\n")
+    assert edges(a, {"anvil_nb.server"}) == {"anvil_nb.server"}
+    graph = {"m": {"s"}, "s": {"r"}, "r": {"m"}, "x": set()}
+    assert find_cycle(graph) == ["m", "s", "r", "m"]
+    assert find_cycle({"m": {"s"}, "s": set()}) is None

@@ -13,7 +13,7 @@ from typing import Any
 
 import orjson
 import pytest
-from wire_support import assert_same, cross, unique_portable_names
+from support.wire import assert_same, cross, unique_portable_names
 
 from anvil_nb.core import portable
 from anvil_nb.core.errors import SerializationError
@@ -301,11 +301,10 @@ def test_new_deserialized_is_used_instead_of_new_and_deserialize(unique_name):
     assert calls == ["__new_deserialized__('red', SerializationInfo)"] * 2
 
 
-@pytest.mark.parametrize("trusted", [True, False])
-def test_info_remote_is_trusted_is_what_each_side_was_given(unique_name, trusted):
-    seen: list[tuple[str, bool]] = []
+def _trust_probe_class(name: str, seen: list[tuple[str, bool]]):
+    """A portable class that notes ``info.remote_is_trusted`` in *seen* at each step."""
 
-    @portable_class(unique_name("Probe"))
+    @portable_class(name)
     class Probe:
         def __serialize__(self, info):
             seen.append(("serialize", info.remote_is_trusted))
@@ -313,6 +312,14 @@ def test_info_remote_is_trusted_is_what_each_side_was_given(unique_name, trusted
 
         def __deserialize__(self, data, info):
             seen.append(("deserialize", info.remote_is_trusted))
+
+    return Probe
+
+
+@pytest.mark.parametrize("trusted", [True, False])
+def test_info_remote_is_trusted_is_what_each_side_was_given(unique_name, trusted):
+    seen: list[tuple[str, bool]] = []
+    Probe = _trust_probe_class(unique_name("Probe"), seen)
 
     message = wire({"response": Probe()}, remote_is_trusted=trusted)
     deserialise(message, remote_is_trusted=trusted)
@@ -322,15 +329,7 @@ def test_info_remote_is_trusted_is_what_each_side_was_given(unique_name, trusted
 
 def test_info_remote_is_trusted_defaults_to_untrusted_out_and_trusted_in(unique_name):
     seen: list[tuple[str, bool]] = []
-
-    @portable_class(unique_name("Probe"))
-    class Probe:
-        def __serialize__(self, info):
-            seen.append(("serialize", info.remote_is_trusted))
-            return {}
-
-        def __deserialize__(self, data, info):
-            seen.append(("deserialize", info.remote_is_trusted))
+    Probe = _trust_probe_class(unique_name("Probe"), seen)
 
     message = wire({"response": Probe()})
     deserialise(message)

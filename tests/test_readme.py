@@ -50,7 +50,7 @@ from typing import Any
 
 import mistune
 import pytest
-from support import Lines, stop_process
+from support.processes import Lines, stop_process
 
 from anvil_nb import server
 from anvil_nb.core.errors import NoServerFunctionError

@@ -22,7 +22,7 @@ import orjson
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from wire_support import assert_same, cross, unique_portable_names
+from support.wire import assert_same, cross, unique_portable_names
 
 from anvil_nb.core.errors import SerializationError
 from anvil_nb.core.liveobject import LiveObjectProxy

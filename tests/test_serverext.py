@@ -291,6 +291,64 @@ async def test_admin_state_answers_json_with_the_jupyter_token(
     assert SERVER_KEY not in json.dumps(state)
 
 
+async def open_event_stream(
+    anvil_url: Callable[..., str], headers: dict[str, str]
+) -> tuple[int, asyncio.StreamReader, asyncio.StreamWriter]:
+    """GET ``_/admin/events`` over a raw connection (the stream never ends): its status code,
+    and the reader positioned after the headers.
+    """
+    url = urlsplit(anvil_url("admin/events"))
+    reader, writer = await asyncio.open_connection(url.hostname, url.port)
+    lines = [
+        f"GET {url.path} HTTP/1.1",
+        f"Host: {url.netloc}",
+        *(f"{k}: {v}" for k, v in headers.items()),
+    ]
+    writer.write(("\r\n".join(lines) + "\r\n\r\n").encode())
+    await writer.drain()
+    status = int((await asyncio.wait_for(reader.readline(), WAIT)).split()[1])
+    while (await asyncio.wait_for(reader.readline(), WAIT)).strip():
+        pass  # headers
+    return status, reader, writer
+
+
+async def test_admin_events_streams_behind_the_jupyter_token(
+    anvil_url: Callable[..., str], join: Callable[..., Any], token: str
+):
+    status, _, writer = await open_event_stream(anvil_url, {})
+    writer.close()
+    assert status in (401, 403)
+    status, _, writer = await open_event_stream(
+        anvil_url, {"Authorization": f"Bearer {SERVER_KEY}"}
+    )
+    writer.close()
+    assert status in (401, 403)  # the server key opens _/admin standalone, not in Jupyter
+
+    status, reader, writer = await open_event_stream(anvil_url, {"Authorization": f"token {token}"})
+    try:
+        assert status == 200
+        registry = FunctionRegistry()
+        registry.register("greet", _greet)
+        await join(SERVER_KEY, registry)
+        caller = await join(CLIENT_KEY)
+        assert await caller.call_async("greet", "ann") == "hi ann (from client_uplink)"
+        seen: list[dict[str, Any]] = []
+        while not any(e["kind"] == "call_finished" for e in seen):
+            line = await asyncio.wait_for(reader.readline(), WAIT)
+            assert line, "the stream ended"
+            if line.startswith(b"data: "):
+                seen.append(json.loads(line[6:]))
+        kinds = [(e["kind"], e.get("command") or e.get("name")) for e in seen]
+        assert [k for k in kinds if k[0] != "session"] == [
+            ("registration", "greet"), ("call_started", "greet"), ("call_finished", "greet")
+        ]  # fmt: skip
+        assert ("session", None) in kinds  # the call saved its session on the way back
+        started = next(e for e in seen if e["kind"] == "call_started")
+        assert started["caller"].startswith("client_uplink-") and started["app"] == "default"
+    finally:
+        writer.close()
+
+
 # ---------------------------------------------------------------------------------------------
 # The uplink route: the uplink key alone authenticates
 

@@ -26,7 +26,6 @@ and tests that kill or refuse a provider start their own.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import queue
@@ -43,10 +42,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support import Lines as _Lines
-from support import stop_process as _stop
-from support import tail as _tail
-from support import wait_until
+from support.processes import close_piped, start_piped, stop_process, tail
+from support.waiting import wait_until
 
 REPO = Path(__file__).resolve().parents[1]
 #: Seconds to wait for any one answer from a subprocess.
@@ -77,16 +74,12 @@ class HostProc:
     ) -> None:
         self.server_key, self.client_key = server_key, client_key
         self.data_dir, self.log_path = data_dir, log_path
-        self._log = open(log_path, "w")  # noqa: SIM115 - closed in stop()
         cmd = [
             sys.executable, "-m", "anvil_nb", "serve", "--host", "127.0.0.1", "--port", str(port),
             "--server-key", self.server_key, "--client-key", self.client_key,
             "--data-dir", str(data_dir), "--log-level", "DEBUG",
         ]  # fmt: skip
-        self.proc = subprocess.Popen(
-            cmd, stdout=subprocess.PIPE, stderr=self._log, stdin=subprocess.DEVNULL, text=True
-        )
-        self._lines = _Lines(self.proc.stdout)
+        self.proc, self._lines, self._log = start_piped(cmd, log_path, stdin=subprocess.DEVNULL)
         try:
             line = self._lines.next(time.monotonic() + WAIT)
         except queue.Empty:
@@ -97,7 +90,7 @@ class HostProc:
         )
         if m is None:
             self.stop()
-            pytest.fail(f"host did not start; stdout: {line!r}\n{_tail(log_path)}")
+            pytest.fail(f"host did not start; stdout: {line!r}\n{tail(log_path)}")
         self.http_url, self.url = m.group(1), m.group(2)
 
     @classmethod
@@ -110,11 +103,11 @@ class HostProc:
         return new
 
     def log(self) -> str:
-        return _tail(self.log_path, 60)
+        return tail(self.log_path, 60)
 
     def stop(self) -> tuple[int | None, float]:
         started = time.monotonic()
-        code = _stop(self.proc, signal.SIGTERM, wait=5.0)
+        code = stop_process(self.proc, signal.SIGTERM, wait=5.0)
         took = time.monotonic() - started
         self._lines.thread.join(timeout=5)
         self.proc.stdout.close()  # type: ignore[union-attr]
@@ -245,17 +238,13 @@ class Agent:
             env["PYTHONPATH"] = str(uplink_dir)
         env["PYTHONUNBUFFERED"] = "1"
         self.log_path = log_dir / f"{name}.log"
-        self._log = open(self.log_path, "w")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
+        self.proc, self._lines, self._log = start_piped(
             [sys.executable, str(script), mode],
+            self.log_path,
             stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=self._log,
-            text=True,
             env=env,
             cwd=log_dir,
         )
-        self._lines = _Lines(self.proc.stdout)
         self.events: list[dict[str, Any]] = []
         self.transcript: list[str] = []
 
@@ -309,7 +298,7 @@ class Agent:
             return line
 
     def log(self) -> str:
-        return _tail(self.log_path)
+        return tail(self.log_path)
 
     def diagnostics(self) -> str:
         return (
@@ -326,15 +315,10 @@ class Agent:
         )
 
     def kill(self) -> None:
-        _stop(self.proc, signal.SIGKILL)
+        stop_process(self.proc, signal.SIGKILL)
 
     def stop(self) -> None:
-        with contextlib.suppress(OSError, ValueError):
-            self.proc.stdin.close()  # type: ignore[union-attr]  # the agent exits at EOF
-        _stop(self.proc, signal.SIGKILL, wait=0.5 if self.proc.poll() is None else 5.0)
-        self._lines.thread.join(timeout=5)
-        self.proc.stdout.close()  # type: ignore[union-attr]
-        self._log.close()
+        close_piped(self.proc, self._lines, self._log, wait=0.5, close_stdin=True)
 
 
 @pytest.fixture(scope="module")

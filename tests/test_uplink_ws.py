@@ -19,9 +19,10 @@ import tornado.httpserver
 import tornado.netutil
 import tornado.web
 import tornado.websocket
-from support import RawWS, wait_until
+from support.nethost import KEYS, NetHost
+from support.waiting import wait_until
+from support.ws import RawWS
 
-from anvil_nb.client.client import Client, FunctionRegistry
 from anvil_nb.client.websocket import WebSocketTransport
 from anvil_nb.core import protocol
 from anvil_nb.core.capability import Capability
@@ -31,61 +32,10 @@ from anvil_nb.core.errors import (
     QuotaExceededError,
     UplinkDisconnectedError,
 )
-from anvil_nb.core.limits import Limits
-from anvil_nb.host.dispatcher import Host
 from anvil_nb.host.inprocess import HostThread
 from anvil_nb.media import BlobMedia
-from anvil_nb.web.routes import make_app
-from anvil_nb.web.uplink import Keys
 
 WAIT = 10.0
-KEYS = Keys("server-key-for-tests", "client-key-for-tests")
-
-
-class NetHost:
-    """A host serving the uplink route on 127.0.0.1, on a loop thread."""
-
-    def __init__(self, **limits: Any):
-        self.ht = HostThread(lambda: Host(limits=Limits(**limits)))
-        self.host = self.ht.host
-
-        def listen() -> int:
-            sockets = tornado.netutil.bind_sockets(0, "127.0.0.1")
-            self.server = tornado.httpserver.HTTPServer(make_app(self.host, KEYS, "/"))
-            self.server.add_sockets(sockets)
-            return sockets[0].getsockname()[1]
-
-        self.port = self.ht.run(listen)
-        self.url = f"ws://127.0.0.1:{self.port}/_/uplink"
-        self.clients: list[Client] = []
-
-    def client(
-        self, key: str = KEYS.server_key, registry: FunctionRegistry | None = None, **kw: Any
-    ) -> Client:
-        client = Client(
-            WebSocketTransport(self.url, key, **kw), functions=registry or FunctionRegistry()
-        ).start()
-        self.clients.append(client)
-        return client
-
-    def provider(self, **fns: Any) -> Client:
-        registry = FunctionRegistry()
-        for name, fn in fns.items():
-            registry.register(name, fn)
-        return self.client(KEYS.server_key, registry)
-
-    def stop(self) -> None:
-        for c in self.clients:
-            c.close()
-        self.ht.run(self.server.stop)
-        self.ht.stop()
-
-
-@pytest.fixture
-def net() -> Iterator[NetHost]:
-    h = NetHost()
-    yield h
-    h.stop()
 
 
 @pytest.fixture

@@ -23,7 +23,7 @@ from typing import Any
 
 import orjson
 import pytest
-from wire_support import assert_same
+from support.wire import assert_same
 
 from anvil_nb.core import portable
 from anvil_nb.core.capability import Capability

@@ -8,16 +8,19 @@ Python; every wait is bounded and every process is stopped.
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from support import Lines, ServeProc, stop_process, tail, wait_until
+from support.processes import Lines, ServeProc, close_piped, start_piped, tail
+from support.waiting import wait_until
 
 from anvil_nb import server
 from anvil_nb.core.errors import AppOfflineError
@@ -114,62 +117,54 @@ print("returned", flush=True)
 """
 
 
-def start_provider(
+@contextlib.contextmanager
+def provider(
     tmp_path: Path, host: ServeProc, after_interrupt: str = "raise"
-) -> tuple[Any, Lines]:
+) -> Iterator[tuple[subprocess.Popen[str], Lines]]:
+    """The provider script, running and inside ``wait_forever``; stopped at the end."""
     script = tmp_path / "provider.py"
     script.write_text(
         PROVIDER.format(key=host.server_key, url=host.url, after_interrupt=after_interrupt)
     )
-    log = open(tmp_path / "provider.err", "w")  # noqa: SIM115 - closed with the process
-    proc = subprocess.Popen(
-        [sys.executable, str(script)], stdout=subprocess.PIPE, stderr=log, text=True
-    )
-    log.close()
-    lines = Lines(proc.stdout)
-    assert lines.next(time.monotonic() + WAIT) == "waiting", tail(tmp_path / "provider.err")
-    return proc, lines
+    proc, lines, log = start_piped([sys.executable, str(script)], tmp_path / "provider.err")
+    try:
+        assert lines.next(time.monotonic() + WAIT) == "waiting", tail(tmp_path / "provider.err")
+        yield proc, lines
+    finally:
+        close_piped(proc, lines, log)
 
 
 def test_provider_serves_until_it_disconnects(tmp_path: Path, host: ServeProc) -> None:
-    proc, lines = start_provider(tmp_path, host)
-    try:
-        server.connect(host.client_key, url=host.url, quiet=True)
-        assert server.call("greet", "Ann") == "Hello, Ann!"
-        assert server.call("greet", "Bob") == "Hello, Bob!"  # still serving
+    with provider(tmp_path, host) as (proc, lines):
+        try:
+            server.connect(host.client_key, url=host.url, quiet=True)
+            assert server.call("greet", "Ann") == "Hello, Ann!"
+            assert server.call("greet", "Bob") == "Hello, Bob!"  # still serving
 
-        assert server.call("stop") == "stopping"
+            assert server.call("stop") == "stopping"
 
-        assert lines.next(time.monotonic() + WAIT) == "returned", tail(tmp_path / "provider.err")
-        assert proc.wait(WAIT) == 0
-    finally:
-        server.disconnect()
-        stop_process(proc)
-        proc.stdout.close()
+            assert lines.next(time.monotonic() + WAIT) == "returned", tail(
+                tmp_path / "provider.err"
+            )
+            assert proc.wait(WAIT) == 0
+        finally:
+            server.disconnect()
 
 
 def test_ctrl_c_raises_keyboard_interrupt_out_of_it(tmp_path: Path, host: ServeProc) -> None:
-    proc, lines = start_provider(tmp_path, host, after_interrupt="pass")
-    try:
+    with provider(tmp_path, host, after_interrupt="pass") as (proc, lines):
         proc.send_signal(signal.SIGINT)
 
         assert lines.next(time.monotonic() + 5) == "KeyboardInterrupt"
         assert lines.next(time.monotonic() + 5) == "returned"
         assert proc.wait(10) == 0
-    finally:
-        stop_process(proc)
-        proc.stdout.close()
 
 
 def test_uncaught_ctrl_c_ends_the_script(tmp_path: Path, host: ServeProc) -> None:
-    proc, lines = start_provider(tmp_path, host, after_interrupt="raise")
-    try:
+    with provider(tmp_path, host, after_interrupt="raise") as (proc, lines):
         proc.send_signal(signal.SIGINT)
 
         assert lines.next(time.monotonic() + 5) == "KeyboardInterrupt"
         code = proc.wait(10)  # the process does not hang on its connection's threads
         assert code in (-signal.SIGINT, 1, 130), code
         assert "KeyboardInterrupt" in (tmp_path / "provider.err").read_text()
-    finally:
-        stop_process(proc)
-        proc.stdout.close()

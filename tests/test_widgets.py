@@ -11,9 +11,11 @@ import threading
 import time
 
 import pytest
-from support import wait_until
+from support.nethost import KEYS, NetHost
+from support.waiting import wait_until
 
-from anvil_nb.client.client import Client, FunctionRegistry, capture
+from anvil_nb.client import capture
+from anvil_nb.client.client import Client, FunctionRegistry
 from anvil_nb.core.capability import Capability
 from anvil_nb.core.events import (
     CallFinished,
@@ -58,6 +60,18 @@ def finished(call_id: str, command: str = "greet", ok: bool = True, **kw) -> Cal
     )
 
 
+def boom_failed(call_id: str, frame: tuple[str, int]) -> CallFinished:
+    """``boom`` raised ``ValueError("kaboom")`` at *frame* (file, line)."""
+    return finished(
+        call_id,
+        command="boom",
+        ok=False,
+        error_type="ValueError",
+        error_message="kaboom",
+        trace=(frame,),
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # Models
 
@@ -67,16 +81,7 @@ def test_call_log_keeps_calls_newest_first_with_their_outcome():
     m.apply(started("c1"))
     m.apply(started("c2", command="boom"))
     m.apply(finished("c1", result="hi ann", output="printed\n"))
-    m.apply(
-        finished(
-            "c2",
-            command="boom",
-            ok=False,
-            error_type="ValueError",
-            error_message="kaboom",
-            trace=(("f.py", 3),),
-        )
-    )
+    m.apply(boom_failed("c2", ("f.py", 3)))
     rows = m.rows()
     assert [r.call_id for r in rows] == ["c2", "c1"]
     assert (rows[1].outcome, rows[1].result, rows[1].output) == ("ok", "'hi ann'", "printed\n")
@@ -245,16 +250,7 @@ def test_call_log_view_shows_rows_filters_and_details():
     bus.emit(started("c1"))
     bus.emit(finished("c1", result="hi ann"))
     bus.emit(started("c2", command="boom", caller="browser"))
-    bus.emit(
-        finished(
-            "c2",
-            command="boom",
-            ok=False,
-            error_type="ValueError",
-            error_message="kaboom",
-            trace=(("cell.py", 7),),
-        )
-    )
+    bus.emit(boom_failed("c2", ("cell.py", 7)))
     view.refresh()
     html = view.table.value
     assert (
@@ -368,13 +364,11 @@ def test_shared_feed_is_one_per_kernel(n):
 
 
 def test_widgets_keep_working_after_the_kernel_reconnects():
-    from test_uplink_ws import KEYS, NetHost
-
     from anvil_nb.client.client import functions
     from anvil_nb.jupyter import kernel
 
     h = NetHost()
-    feed = Feed()  # on kernel.events, as the dashboard is
+    feed = Feed()  # on runtime.events, as the dashboard is
     try:
         kernel.join(h.url, KEYS.server_key)
         functions.register("ping", lambda: "pong")

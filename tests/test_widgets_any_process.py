@@ -16,8 +16,8 @@
   arguments fits a 1400 px window instead of running off it.
 
 Real parts: in-process hosts (``HostThread``) with their real listener, a real subprocess, a
-real ipykernel driven by jupyter_client, a real JupyterLab in Debian's Chromium (as in
-tests/test_browser.py, whose set-up this module shares). Nothing sleeps to synchronise.
+real ipykernel driven by jupyter_client, a real JupyterLab in Debian's Chromium (the set-up of
+tests/test_browser.py, in support/browser.py). Nothing sleeps to synchronise.
 """
 
 from __future__ import annotations
@@ -35,17 +35,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from playwright.sync_api import BrowserContext, expect, sync_playwright
-from test_browser import (
-    CHROMIUM,
-    CHROMIUM_ARGS,
-    START_WAIT,
-    JupyterLab,
-    lab,  # noqa: F401 - the fixture
-    open_and_run_notebook,
-    require_chromium,
-)
-from test_kernel import Kernel, Kernels, kernels, kernelspecs  # noqa: F401 - fixtures
+from playwright.sync_api import BrowserContext, expect
+from support.browser import START_WAIT, JupyterLab, chromium, open_and_run_notebook
+from support.kernels import Kernel, Kernels
+from support.nethost import KEYS, NetHost
 
 from anvil_nb import runtime, server
 from anvil_nb.client.client import Client, FunctionRegistry
@@ -172,7 +165,7 @@ def test_a_plain_process_sees_its_calls_through_the_embedded_host_and_server_con
 
 
 def test_the_process_bus_follows_the_default_client(host_thread: HostThread):
-    """Whatever client the process uses feeds ``kernel.events``, one at a time."""
+    """Whatever client the process uses feeds ``runtime.events``, one at a time."""
     feed = Feed()  # on the process's bus, as the dashboard is
     try:
         registry = FunctionRegistry()
@@ -200,8 +193,6 @@ def test_the_process_bus_follows_the_default_client(host_thread: HostThread):
 
 def test_a_kernel_that_joins_another_host_keeps_feeding_the_widgets():
     """``kernel.join`` (``%load_ext``, ``%anvil connect``) goes through the same follower."""
-    from test_uplink_ws import KEYS, NetHost
-
     from anvil_nb.client.client import functions
 
     one, two = NetHost(), NetHost()
@@ -213,7 +204,7 @@ def test_a_kernel_that_joins_another_host_keeps_feeding_the_widgets():
         kernel.join(two.url, KEYS.server_key)  # %anvil connect
         assert two.client(KEYS.client_key).call("ping") == "pong"
         assert [r.caller for r in feed.calls.rows(function="ping")] == ["client_uplink"] * 2
-        assert kernel.peer_name() is not None
+        assert runtime.connection().peer_name is not None
         assert "ping" in feed.registry.names()  # the snapshot the second host sent at the join
     finally:
         feed.unsubscribe()
@@ -379,7 +370,7 @@ def test_flush_renders_pending_changes_at_once_and_only_once():
     assert done.wait(WAIT)  # after a flush the timer still serves the next change
 
 
-def test_in_a_kernel_views_render_as_each_cell_ends(kernels: Kernels):  # noqa: F811
+def test_in_a_kernel_views_render_as_each_cell_ends(kernels: Kernels):
     """What nbclient stores as widget state: the updates a cell's run sent, with that cell."""
     k: Kernel = kernels.start("flush")
     k.run_ok("%load_ext anvil_nb")
@@ -406,7 +397,7 @@ def test_in_a_kernel_views_render_as_each_cell_ends(kernels: Kernels):  # noqa: 
 
 
 # ---------------------------------------------------------------------------------------------
-# In JupyterLab, in Debian's Chromium (see tests/test_browser.py for the set-up it shares)
+# In JupyterLab, in Debian's Chromium (the set-up is support/browser.py's)
 
 TUTORIAL = Path(__file__).resolve().parents[1] / "notebooks" / "01-getting-started.ipynb"
 REGENERATE = (
@@ -417,25 +408,13 @@ REGENERATE = (
 
 @pytest.fixture
 def wide_browser(tmp_path: Path) -> Iterator[BrowserContext]:
-    """Chromium as in test_browser, with a 1400 px wide window (and the Lab sidebar open)."""
-    require_chromium()
-    with sync_playwright() as playwright:
-        context = playwright.chromium.launch_persistent_context(
-            str(tmp_path / "chromium-wide"),
-            executable_path=str(CHROMIUM),
-            headless=True,
-            args=CHROMIUM_ARGS,
-            viewport={"width": 1400, "height": 1000},
-        )
-        context.set_default_timeout(WAIT * 1000)
-        try:
-            yield context
-        finally:
-            context.close()
+    """Chromium as for test_browser, with a 1400 px wide window (and the Lab sidebar open)."""
+    with chromium(tmp_path / "chromium-wide", width=1400, timeout=WAIT) as context:
+        yield context
 
 
 def test_in_jupyterlab_a_saved_tutorial_reads_and_the_call_log_fits(
-    lab: JupyterLab,  # noqa: F811
+    lab: JupyterLab,
     wide_browser: BrowserContext,
     tmp_path: Path,
 ):

@@ -66,9 +66,9 @@ from anvil_nb.core.events import (
     CallStarted,
     CapabilityUpdated,
     EventBus,
-    RegistrationChanged,
     RegistrySnapshot,
     SessionChanged,
+    from_wire,
 )
 from anvil_nb.core.logs import RateLimiter, clip
 from anvil_nb.core.serialise import deserialise, serialise
@@ -416,18 +416,23 @@ class Client:
             self._on_fatal(msg)
         elif kind == "output":
             log.info("Anvil server output: %s", clip(msg.get("output")))
-        elif kind == "EVENT":  # pushed by the host after anvil.private.watch_registry
-            event = msg.get("event")
-            if (
-                isinstance(event, dict)
-                and event.get("kind") == "registration"
-                and self.events.active
-            ):
-                self.events.emit(RegistrationChanged(
-                    time.time(), str(event.get("name")), str(event.get("provider")), bool(event.get("added"))
-                ))  # fmt: skip
+        elif kind == "EVENT":  # pushed by the host after anvil.private.watch_events
+            self._on_events(msg.get("events"))
         else:
             _quiet.warning(log, "unrecognised", "unrecognised message from the host: %s", clip(msg))
+
+    def _on_events(self, bodies: Any) -> None:
+        """Put the host's events (of calls and sessions this client was no party to) on
+        :attr:`events`; what is not an event is logged and skipped.
+        """
+        if type(bodies) is not list or not self.events.active:
+            return
+        for body in bodies:
+            event = from_wire(body)
+            if event is None:
+                _quiet.warning(log, "bad-event", "not an event, from the host: %s", clip(body))
+            else:
+                self.events.emit(event)
 
     def _on_auth(self, msg: dict[str, Any]) -> None:
         self.own_type = _PRIV_TYPES.get(str(msg.get("priv")), "uplink")
@@ -444,9 +449,9 @@ class Client:
             self._state.notify_all()
         if self._started and self._watching:  # and watch again: the answer is the registry now
             try:
-                pending = self.send_call("anvil.private.watch_registry", [], {}, wait=False)
+                pending = self.send_call("anvil.private.watch_events", [], {}, wait=False)
             except AnvilError as exc:
-                log.info("could not watch the registry again: %s", exc)
+                log.info("could not watch the app's events again: %s", exc)
             else:
                 pending.add_done_callback(self._on_rewatched)
         self._authed.set()
@@ -673,9 +678,12 @@ class Client:
             trace=tuple(getattr(error, "remote_trace", ()) or ()),
         ))  # fmt: skip
 
-    def watch_registry(self) -> dict[str, Any]:
-        """Have the host push registration changes (again after a reconnection); its state now."""
-        state = self.call("anvil.private.watch_registry")
+    def watch_events(self) -> dict[str, Any]:
+        """Have the host push the app's events onto :attr:`events` (again after a reconnection):
+        those of calls and sessions this client is no party to, and registrations. Returns the
+        app's state now (``registrations``, ``peers``, and ``you``: this connection's name).
+        """
+        state = self.call("anvil.private.watch_events")
         self._watching = True
         self._emit_snapshot(state)
         return state

@@ -37,7 +37,7 @@ __all__ = [
     "decode",
     "encode",
     "error_message",
-    "event",
+    "events",
     "fatal",
     "hello",
     "kind_of",
@@ -177,9 +177,11 @@ def unregister(name: str) -> dict[str, Any]:
     return {"type": "UNREGISTER", "name": name}
 
 
-def event(body: dict[str, Any]) -> dict[str, Any]:
-    """anvil_nb's extension: a host event pushed to a watching peer."""
-    return {"type": "EVENT", "event": body}
+def events(bodies: list[dict[str, Any]]) -> dict[str, Any]:
+    """anvil_nb's extension: host events (:func:`anvil_nb.core.events.to_wire`) pushed to a
+    peer that watches its app (``anvil.private.watch_events``).
+    """
+    return {"type": "EVENT", "events": bodies}
 
 
 def call(

@@ -66,9 +66,11 @@ from anvil_nb.core.events import (
     CallFinished,
     CallStarted,
     CapabilityUpdated,
+    Event,
     EventBus,
     RegistrationChanged,
     SessionChanged,
+    to_wire,
 )
 from anvil_nb.core.limits import DEFAULT_LIMITS, Limits
 from anvil_nb.core.logs import RateLimiter, clip
@@ -84,6 +86,9 @@ MAX_CALL_DEPTH = 10
 
 Media = Mapping[str, bytes]
 
+#: Events kept for one watcher between two pushes (one turn of the loop); more are dropped.
+_MAX_OUTBOX = 10_000
+
 _SESSIONLESS = frozenset(
     {
         "anvil.private.echo",
@@ -92,7 +97,7 @@ _SESSIONLESS = frozenset(
         "anvil.private.get_app_origin",
         "anvil.private.get_api_origin",
         "anvil.private.host_state",
-        "anvil.private.watch_registry",
+        "anvil.private.watch_events",
     }
 )
 
@@ -149,7 +154,7 @@ class AppState:
     sessions: SessionManager
     app_info: dict[str, Any]
     registry: Registry[_PeerState] = field(default_factory=Registry)
-    #: Trusted anvil_nb peers that asked to be told of every registration change.
+    #: Trusted anvil_nb peers that asked to be pushed the app's events (``watch_events``).
     watchers: set[_PeerState] = field(default_factory=set)
     #: The app's keys, shown to its trusted peers (``%anvil status``); set by the door that
     #: knows them (the uplink route's key ring).
@@ -170,6 +175,8 @@ class _PeerState:
     served: dict[str, _Request] = field(default_factory=dict)
     #: Calls this peer made that are still in flight: its call id -> request.
     calls: dict[Any, _Request] = field(default_factory=dict)
+    #: A watcher's events not pushed yet (sent together at the end of the loop's turn).
+    outbox: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass(eq=False)
@@ -277,7 +284,7 @@ class Host:
             "anvil.private.reset_session": self._reset_session,
             "anvil.private.capability_is_valid": self._capability_is_valid,
             "anvil.private.host_state": self._host_state,
-            "anvil.private.watch_registry": self._watch_registry,
+            "anvil.private.watch_events": self._watch_events,
             "anvil.private.report_classes": self._report_classes,
         }
 
@@ -402,9 +409,11 @@ class Host:
 
     def housekeeping(self) -> list[str]:
         """Remove expired sessions and persist idle clocks; call it every minute or so."""
-        gone = [sid for state in list(self.apps.values()) for sid in state.sessions.purge()]
-        for session_id in gone:
-            self._emit_session(session_id, "expired")
+        gone = []
+        for state in list(self.apps.values()):
+            for session_id in state.sessions.purge():
+                gone.append(session_id)
+                self._emit_session(state, session_id, "expired")
         return gone
 
     def close(self) -> None:
@@ -593,20 +602,21 @@ class Host:
                 self.call_timeout, self._time_out, req
             )
         self._send(provider, out, media, data)
-        if self.events.active:
-            self.events.emit(
-                CallStarted(
-                    time=time.time(),
-                    call_id=rid,
-                    command=command,
-                    client=client,
-                    call_stack=tuple(f.get("type", "") for f in stack),
-                    trusted=ps.trusted,
-                    session_id=record.id,
-                    caller=ps.peer.name,
-                    provider=provider.peer.name,
-                )
+        if self.events.active or ps.app.watchers:
+            event = CallStarted(
+                time=time.time(),
+                call_id=rid,
+                command=command,
+                client=client,
+                call_stack=tuple(f.get("type", "") for f in stack),
+                trusted=ps.trusted,
+                session_id=record.id,
+                caller=ps.peer.name,
+                provider=provider.peer.name,
+                direction="host",
+                app=ps.app.name,
             )
+            self._publish(ps.app, event, ps, provider)
 
     @staticmethod
     def _place(
@@ -675,7 +685,7 @@ class Host:
                 parent.session_id = fresh.id
             if ps.session_id == session_id:
                 ps.session_id = fresh.id
-            self._emit_session(session_id, "expired", fresh.id)
+            self._emit_session(ps, session_id, "expired", fresh.id)
             raise
 
     def _on_response(self, ps: _PeerState, msg: dict[str, Any], media: Media | None) -> None:
@@ -752,8 +762,7 @@ class Host:
             return
         if record.version == req.session_version:
             req.provider.app.sessions.save_data(record, data)
-            if self.events.active:
-                self._emit_session(record.id, "saved")
+            self._emit_session(req.provider, record.id, "saved")
         else:
             log.info(
                 "%s: session changed during %s; its copy is dropped", req.id, clip(req.command)
@@ -768,8 +777,12 @@ class Host:
             norm = normalise_scope_key(key) if isinstance(key, str) else None
             if norm is not None and norm in req.caps_in:
                 passed[norm] = update
-                if self.events.active:
-                    self.events.emit(CapabilityUpdated(time.time(), req.id, norm, update))
+                app = req.provider.app
+                if self.events.active or app.watchers:
+                    event = CapabilityUpdated(
+                        time.time(), req.id, norm, update, direction="host", app=app.name
+                    )
+                    self._publish(app, event, req.caller, req.provider)
         return passed or None
 
     def _time_out(self, req: _Request) -> None:
@@ -806,13 +819,19 @@ class Host:
             caller.calls.pop(req.caller_call_id, None)
             if error is not None:
                 self._fail(caller, req.caller_call_id, error)
-        if not self.events.active or (caller is None and error is None and out is None):
+        app = req.provider.app
+        if not (self.events.active or app.watchers) or (
+            caller is None and error is None and out is None
+        ):
             return
         if error is not None:
-            self._emit_finished(req, ok=False, error=error.wire_type, message=str(error))
+            self._emit_finished(req, caller, ok=False, error=error.wire_type, message=str(error))
         elif out is not None:
             err = out.get("error") or {}
-            self._emit_finished(req, ok=ok, error=err.get("type"), message=err.get("message"))
+            self._emit_finished(
+                req, caller, ok=ok, error=err.get("type"), message=err.get("message"),
+                trace=err.get("trace") or (),
+            )  # fmt: skip
 
     def _fail(self, ps: _PeerState, call_id: Any, exc: AnvilError) -> None:
         error = error_to_wire(exc)
@@ -899,15 +918,17 @@ class Host:
             parent.session_id = fresh.id
             parent.session_version = fresh.version  # the call that reset it continues in it
         sessions.drop(rec.id)
-        self._emit_session(rec.id, "reset", fresh.id)
+        self._emit_session(ps, rec.id, "reset", fresh.id)
         return fresh.id
 
-    def _watch_registry(
+    def _watch_events(
         self, ps: _PeerState, _msg: dict[str, Any], _rec: SessionRecord | None
     ) -> Any:
-        """Push every registration change to this (trusted, anvil_nb) peer from now on."""
+        """Push this (trusted, anvil_nb) peer the events of its app it is not a party to, from
+        now on; the answer is the app's state now and the name the host knows the peer by.
+        """
         if not ps.trusted:
-            raise PermissionDenied("Only trusted code may watch the registry")
+            raise PermissionDenied("Only trusted code may watch the app's events")
         ps.app.watchers.add(ps)
         return {**self.state(ps.app.name), "you": ps.peer.name}
 
@@ -954,33 +975,83 @@ class Host:
     # -----------------------------------------------------------------------------------------
     # Events
 
-    def _emit_registration(self, name: str, ps: _PeerState, added: bool) -> None:
-        if ps.app.watchers:
-            event = {"kind": "registration", "name": name, "provider": ps.peer.name, "added": added}
-            for watcher in list(ps.app.watchers):
-                if watcher is not ps or not added:
-                    self._send(watcher, protocol.event(event))
+    def _publish(self, app: AppState, event: Event, *parties: _PeerState | None) -> None:
+        """Put *event* on the host's stream: its subscribers now, and each watcher of *app*
+        that was not a party to it at the end of this turn of the loop (batched).
+        """
         if self.events.active:
-            self.events.emit(RegistrationChanged(time.time(), name, ps.peer.name, added))
+            self.events.emit(event)
+        if not app.watchers:
+            return
+        body = to_wire(event)
+        for watcher in app.watchers:
+            if watcher in parties:
+                continue
+            if not watcher.outbox:
+                try:
+                    asyncio.get_running_loop().call_soon(self._push_events, watcher)
+                except RuntimeError:  # driven without a loop (tests): push at once
+                    watcher.outbox.append(body)
+                    self._push_events(watcher)
+                    continue
+            if len(watcher.outbox) < _MAX_OUTBOX:
+                watcher.outbox.append(body)
 
-    def _emit_session(self, session_id: str, reason: str, replaced_by: str | None = None) -> None:
-        if self.events.active:
-            self.events.emit(
-                SessionChanged(time.time(), session_id, reason, replaced_by=replaced_by)
-            )
+    def _push_events(self, watcher: _PeerState) -> None:
+        events, watcher.outbox = watcher.outbox, []
+        if not events or self._peers.get(watcher.peer) is not watcher:
+            return
+        if self._over_queue(watcher):  # it is not reading: events are the first thing to go
+            self._quiet.warning(
+                log, "events-dropped", "%s is not reading; %d events for it dropped",
+                watcher.peer.name, len(events),
+            )  # fmt: skip
+            return
+        self._send(watcher, protocol.events(events))
+
+    def _emit_registration(self, name: str, ps: _PeerState, added: bool) -> None:
+        if self.events.active or ps.app.watchers:
+            event = RegistrationChanged(time.time(), name, ps.peer.name, added, app=ps.app.name)
+            # A provider knows what it registered; it is told when the host withdraws a name.
+            self._publish(ps.app, event, ps if added else None)
+
+    def _emit_session(
+        self,
+        where: _PeerState | AppState,
+        session_id: str,
+        reason: str,
+        replaced_by: str | None = None,
+    ) -> None:
+        """A session of *where* (an app, or the peer whose call changed it) changed."""
+        app, party = (where, None) if isinstance(where, AppState) else (where.app, where)
+        if self.events.active or app.watchers:
+            provider = party.peer.name if party is not None else ""
+            event = SessionChanged(
+                time.time(), session_id, reason, replaced_by=replaced_by, provider=provider,
+                app=app.name,
+            )  # fmt: skip
+            self._publish(app, event, party)
 
     def _emit_finished(
-        self, req: _Request, ok: bool, error: str | None = None, message: str | None = None
+        self,
+        req: _Request,
+        caller: _PeerState | None,
+        ok: bool,
+        error: str | None = None,
+        message: str | None = None,
+        trace: Any = (),
     ) -> None:
-        if self.events.active:
-            self.events.emit(
-                CallFinished(
-                    time=time.time(),
-                    call_id=req.id,
-                    command=req.command,
-                    duration=time.perf_counter() - req.started,
-                    ok=ok,
-                    error_type=error,
-                    error_message=message,
-                )
-            )
+        app = req.provider.app
+        event = CallFinished(
+            time=time.time(),
+            call_id=req.id,
+            command=req.command,
+            duration=time.perf_counter() - req.started,
+            ok=ok,
+            error_type=error,
+            error_message=message,
+            direction="host",
+            trace=tuple(trace),
+            app=app.name,
+        )
+        self._publish(app, event, caller, req.provider)

@@ -17,20 +17,17 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
-import weakref
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from anvil_nb import runtime
-from anvil_nb.client.client import Client, capture, functions
+from anvil_nb.client import capture
+from anvil_nb.client.client import Client, functions
 from anvil_nb.config import DEFAULT_APP, ENV_KEY, ENV_NOTEBOOK, ENV_ROOT, ENV_URL, app_name
 from anvil_nb.core import portable
 from anvil_nb.core.errors import AnvilError, AppOfflineError
-from anvil_nb.core.events import EventBus
+from anvil_nb.runtime import Connection
 
-__all__ = ["events", "follow", "format_status", "join", "leave", "status"]
+__all__ = ["format_status", "join", "leave", "status", "status_json", "switch_app"]
 
 log = logging.getLogger("anvil_nb.jupyter.kernel")
 
@@ -39,74 +36,10 @@ log = logging.getLogger("anvil_nb.jupyter.kernel")
 _BUILTIN_CLASSES = frozenset({"anvil.server._LoadAppResponse"})
 
 
-@dataclass
-class Joined:
-    """Where this kernel is connected."""
-
-    url: str
-    server_key: str
-    client_key: str | None
-    embedded: bool
-    client: Client
-    #: The app this kernel serves (its notebook's, or the one ``%anvil app`` chose).
-    app: str = DEFAULT_APP
-    #: The name the host knows this kernel by, and the registrations when it joined.
-    peer_name: str | None = None
-    registrations: dict[str, list[str]] | None = None
-
-
-_joined: Joined | None = None
-
-#: Everything this process's connection reports (calls served and made, sessions, capability
-#: updates, registrations), whichever client :mod:`anvil_nb.runtime` holds now: this kernel's
-#: (``%load_ext``, ``%anvil connect``), ``server.connect``'s, or the embedded host's of a plain
-#: process. Widgets subscribe here once and keep working across reconnections and new clients.
-events = EventBus()
-
-_TRUSTED = frozenset({"server_module", "uplink"})
-_follow_lock = threading.Lock()
-#: The client whose events feed :data:`events`, and how to stop that.
-_followed: Client | None = None
-_unfollow: Callable[[], None] | None = None
-#: The host's answer to ``watch_registry`` for each client that watches the registry.
-_watching: weakref.WeakKeyDictionary[Client, dict[str, Any]] = weakref.WeakKeyDictionary()
-
-
-def follow(client: Client | None, watch: bool = False) -> dict[str, Any] | None:
-    """Feed *client*'s events into :data:`events`, instead of the previous client's.
-
-    :mod:`anvil_nb.runtime` calls this whenever the process's default client changes, so the
-    bus always carries the client in use. A trusted client also has the host push registration
-    changes (``Client.watch_registry``, which the client renews after reconnecting) when *watch*
-    is set or someone listens to :data:`events`; returns the host's answer then
-    (``{"registrations", "you", ...}``), or ``None``.
-    """
-    global _followed, _unfollow
-    with _follow_lock:
-        if client is not _followed:
-            if _unfollow is not None:
-                _unfollow()
-            _followed = client
-            _unfollow = client.events.subscribe(events.emit) if client is not None else None
-        if client is None or client.own_type not in _TRUSTED or not client.connected:
-            return None
-        if client in _watching:
-            return _watching[client] or None
-        if not (watch or events.active):
-            return None
-        _watching[client] = {}  # once per client: the client renews it after a reconnection
-    try:
-        state = client.watch_registry()  # registration changes are pushed from now on
-    except Exception as exc:  # an older host: the registry view shows only what is known here
-        log.info("anvil_nb: the host does not push registry changes (%s)", exc)
-        return None
-    if isinstance(state, dict):
-        _watching[client] = state
-        return state
-    return None
-
-
-runtime.on_client_change(follow)
+def _joined() -> Connection | None:
+    """The connection ``%load_ext`` or ``%anvil connect`` made for this kernel, if any."""
+    conn = runtime.connection()
+    return conn if conn is not None and conn.by_kernel else None
 
 
 def notebook_app() -> str | None:
@@ -124,13 +57,13 @@ def notebook_app() -> str | None:
         return None
 
 
-def join(url: str | None = None, key: str | None = None, app: str | None = None) -> Joined:
-    """Connect this kernel to a host (see the module docstring) and make it the default.
+def join(url: str | None = None, key: str | None = None, app: str | None = None) -> Connection:
+    """Connect this kernel to a host (see the module docstring) and make it the process's
+    connection (:func:`anvil_nb.runtime.connection`).
 
     With the host's own server key, the kernel joins *app* (default: its notebook's app, or
     ``default`` for a kernel without a notebook); another app's server key joins that app.
     """
-    global _joined
     from_env = url is None
     if from_env:
         url, key = os.environ.get(ENV_URL), os.environ.get(ENV_KEY)
@@ -149,26 +82,20 @@ def join(url: str | None = None, key: str | None = None, app: str | None = None)
     if joined is None:
         leave()  # the embedded host of this process is replaced by a new one
         joined = _join_embedded()
-    elif _joined is not None:
-        leave_quietly = _joined  # connected to the new host first: now let the old one go
-        _joined = None
-        runtime.set_client(None)
-        if leave_quietly.embedded:
+    else:
+        old = runtime.connection()
+        if old is not None and old.embedded:  # connected to the new host first: now let go
             runtime.disconnect()
     joined.client.capture_output = True
-    state = follow(joined.client, watch=True)  # now: set_client below follows it again (no-op)
-    if state is not None:
-        joined.peer_name = state.get("you")
-        joined.registrations = state.get("registrations") or {}
     capture.install()
     # A kernel that joined a host stays with it (never falls back to an embedded one).
-    runtime.set_client(joined.client, remote=None if joined.embedded else joined.url)
-    _joined = joined
+    runtime.set_connection(joined, remote=None if joined.embedded else joined.url)
+    runtime.watch(joined)  # the widgets' feed is made as the kernel joins: it listens
     report_classes()
     return joined
 
 
-def _join_remote(url: str, key: str, app: str | None = None) -> Joined:
+def _join_remote(url: str, key: str, app: str | None = None) -> Connection:
     from anvil_nb.client.websocket import WebSocketTransport  # noqa: PLC0415 - loads tornado
 
     client = Client(WebSocketTransport(url, key, kind="server_module", app=app)).start()
@@ -176,17 +103,18 @@ def _join_remote(url: str, key: str, app: str | None = None) -> Joined:
         state = client.call("anvil.private.host_state")
     except Exception:  # an older host, or one that keeps its keys to itself
         state = {}
-    return Joined(
-        url,
-        state.get("server_key") or key,
-        state.get("client_key"),
+    return Connection(
+        client,
+        url=url,
         embedded=False,
-        client=client,
         app=state.get("app") or DEFAULT_APP,
+        server_key=state.get("server_key") or key,
+        client_key=state.get("client_key"),
+        by_kernel=True,
     )
 
 
-def _join_embedded() -> Joined:
+def _join_embedded() -> Connection:
     from anvil_nb.config import Keys  # noqa: PLC0415
     from anvil_nb.web.service import listen_embedded  # noqa: PLC0415 - loads tornado
 
@@ -194,59 +122,46 @@ def _join_embedded() -> Joined:
     keys = Keys.generate()
     port = listen_embedded(ht, keys).port
     client = Client(ht.connect("server_module")).start()
-    return Joined(
-        f"ws://127.0.0.1:{port}/_/uplink",
-        keys.server_key,
-        keys.client_key,
+    return Connection(
+        client,
+        url=f"ws://127.0.0.1:{port}/_/uplink",
         embedded=True,
-        client=client,
+        server_key=keys.server_key,
+        client_key=keys.client_key,
+        by_kernel=True,
     )
-
-
-def peer_name() -> str | None:
-    """The name the host knows this kernel (or process) by, to mark its own registrations."""
-    if _joined is not None:
-        return _joined.peer_name
-    client = runtime.current_client(start=False)  # a process without %load_ext
-    state = _watching.get(client) if client is not None else None
-    return state.get("you") if state else None
-
-
-def registry_snapshot() -> dict[str, list[str]] | None:
-    """The host's registrations, now (``None`` when not joined)."""
-    if _joined is None:
-        return None
-    try:
-        return dict(_joined.client.call("anvil.private.host_state").get("registrations") or {})
-    except AnvilError:
-        return _joined.registrations
 
 
 def leave() -> None:
     """Disconnect this kernel (its registrations vanish from the host) and stop an embedded host."""
-    global _joined
-    if _joined is not None:
-        _joined = None
+    if _joined() is not None:
         runtime.disconnect()
         capture.uninstall()
 
 
+def _reachable() -> Connection | None:
+    """The process's connection, when other processes can reach its host (it has a URL)."""
+    conn = runtime.connection()
+    return conn if conn is not None and conn.url is not None else None
+
+
 def status() -> dict[str, Any]:
     """Where this kernel is connected, its keys, what it serves, and who else is connected."""
-    if _joined is None:
+    conn = _reachable()
+    if conn is None:
         return {"connected": False, "functions": functions.names()}
     peers: list[dict[str, Any]] = []
     try:
-        peers = _joined.client.call("anvil.private.host_state").get("peers", [])
+        peers = conn.client.call("anvil.private.host_state").get("peers", [])
     except Exception as exc:  # the host went away: say so rather than fail the status
         log.warning("anvil_nb: could not read the host's state: %s", exc)
     return {
-        "connected": _joined.client.connected,
-        "app": _joined.app,
-        "url": _joined.url,
-        "embedded": _joined.embedded,
-        "client_key": _joined.client_key,
-        "server_key": _joined.server_key,
+        "connected": conn.client.connected,
+        "app": conn.app,
+        "url": conn.url,
+        "embedded": conn.embedded,
+        "client_key": conn.client_key,
+        "server_key": conn.server_key,
         "functions": sorted(functions.names()),
         "classes": sorted(set(portable.registered_names()) - _BUILTIN_CLASSES),
         "peers": peers,
@@ -255,24 +170,26 @@ def status() -> dict[str, Any]:
 
 def report_classes() -> None:
     """Tell the host which portable classes this kernel defines (for ``_/admin/apps``)."""
-    if _joined is None:
+    conn = _joined()
+    if conn is None:
         return
     names = sorted(set(portable.registered_names()) - _BUILTIN_CLASSES)
     try:
-        _joined.client.call("anvil.private.report_classes", names)
+        conn.client.call("anvil.private.report_classes", names)
     except AnvilError as exc:  # an older host: it shows no classes, nothing else changes
         log.debug("anvil_nb: could not report portable classes: %s", exc)
 
 
 def shared_names(names: list[str]) -> dict[str, list[str]]:
     """Of *names*, those another connection of this kernel's app also provides, with who."""
-    if _joined is None or not names:
+    conn = _joined()
+    if conn is None or not names:
         return {}
     try:
-        registrations = _joined.client.call("anvil.private.host_state").get("registrations") or {}
+        registrations = conn.client.call("anvil.private.host_state").get("registrations") or {}
     except AnvilError:
         return {}
-    me = _joined.peer_name
+    me = conn.peer_name
     shared = {n: [p for p in registrations.get(n, []) if p != me] for n in names}
     return {n: others for n, others in shared.items() if others}
 
@@ -300,15 +217,16 @@ def status_json() -> dict[str, Any]:
     }
 
 
-def switch_app(app: str) -> Joined:
+def switch_app(app: str) -> Connection:
     """``%anvil app NAME``: serve *app* on the same host from now on (its functions move)."""
-    if _joined is None:
+    conn = _joined()
+    if conn is None:
         raise AppOfflineError("not connected: run %load_ext anvil_nb first")
-    if _joined.embedded:
+    if conn.embedded:
         raise AppOfflineError("the embedded host of this kernel serves one app")
-    key = _joined.client.transport.key  # type: ignore[attr-defined]
+    key = conn.client.transport.key  # type: ignore[attr-defined]
     wanted = app_name(app)
-    joined = join(_joined.url, key, wanted)
+    joined = join(conn.url, key, wanted)
     if joined.app != wanted:
         raise AppOfflineError(
             f"this kernel's key admits the app {joined.app!r} only (the host's own server key "

@@ -46,7 +46,7 @@ from traitlets import Bool, Dict, TraitError, Unicode, default, validate
 from anvil_nb.config import DEFAULT_APP, ENV_KEY, ENV_ROOT, ENV_URL, KeyRing, default_data_dir
 from anvil_nb.core.limits import DEFAULT_LIMITS, Limits
 from anvil_nb.host.dispatcher import Host
-from anvil_nb.web.handlers import admin_state, apps_state, no_app, no_endpoint
+from anvil_nb.web.handlers import EventStreaming, admin_state, apps_state, no_app, no_endpoint
 from anvil_nb.web.routes import Handlers
 from anvil_nb.web.service import HostService
 from anvil_nb.web.uplink import BrowserHandler, UplinkHandler
@@ -125,6 +125,19 @@ class JupyterAdminAppsHandler(JupyterAdminStateHandler):
     @web.authenticated
     def get(self) -> None:
         self.finish(json.dumps(apps_state(self.host, self.keys)))
+
+
+class JupyterAdminEventsHandler(EventStreaming, JupyterAdminStateHandler):
+    """``_/admin/events`` inside Jupyter: the host's event stream, behind Jupyter's authentication."""
+
+    @web.authenticated
+    async def get(self) -> None:
+        app = self.get_query_argument("app", None)
+        if app is not None and app not in KeyRing.of(self.keys).names():
+            self.set_status(404)
+            self.finish(no_app(app))
+            return
+        await self.stream_events(self.host, app)
 
 
 class AnvilNB(ExtensionApp):
@@ -207,6 +220,7 @@ class AnvilNB(ExtensionApp):
             api=JupyterApiHandler,
             admin_state=JupyterAdminStateHandler,
             admin_apps=JupyterAdminAppsHandler,
+            admin_events=JupyterAdminEventsHandler,
         )
         self.handlers.extend(self.service.routes(PREFIX, handlers, public=self.public))
 

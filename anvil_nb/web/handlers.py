@@ -1,4 +1,4 @@
-"""HTTP handlers of the standalone host: ``_/api/...`` and ``_/admin/state``. They only translate.
+"""HTTP handlers of the standalone host: ``_/api/...`` and ``_/admin/...``. They only translate.
 
 Inside Jupyter, :mod:`anvil_nb.jupyter.serverext` uses variants of these behind Jupyter's own auth.
 Standalone, ``_/admin/...`` asks for the server key (``Authorization: Bearer <key>``), and
@@ -7,26 +7,40 @@ Standalone, ``_/admin/...`` asks for the server key (``Authorization: Bearer <ke
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import hmac
 import html
 from typing import Any
 
 import orjson
+import tornado.iostream
 import tornado.web
 
 from anvil_nb.config import DEFAULT_APP, KeyRing, Keys
+from anvil_nb.core.events import Event, to_wire
 from anvil_nb.host.dispatcher import Host
 
 __all__ = [
+    "EVENTS_BACKLOG",
+    "EVENTS_KEEPALIVE",
     "AdminAppsHandler",
+    "AdminEventsHandler",
     "AdminStateHandler",
     "ApiHandler",
+    "EventStreaming",
     "StatusPageHandler",
     "admin_state",
     "apps_state",
     "no_app",
     "no_endpoint",
 ]
+
+#: Events kept for one ``_/admin/events`` reader that has not taken them yet; older ones are
+#: dropped (and the reader is told how many).
+EVENTS_BACKLOG = 10_000
+#: Seconds between two keep-alive comments on a quiet event stream.
+EVENTS_KEEPALIVE = 15.0
 
 
 def admin_state(host: Host, keys: Keys | KeyRing, app: str = DEFAULT_APP) -> dict[str, Any] | None:
@@ -146,3 +160,91 @@ class AdminStateHandler(_Base):
             self.write_json(404, no_app(app))
         else:
             self.write_json(200, state)
+
+
+class _Subscription:
+    """One reader of the host's stream: a bounded backlog, and a wake-up for the writer."""
+
+    def __init__(self, app: str | None):
+        self.app = app
+        self.backlog: collections.deque[dict[str, Any]] = collections.deque(maxlen=EVENTS_BACKLOG)
+        self.dropped = 0
+        self.closed = False
+        self.ready = asyncio.Event()
+
+    def __call__(self, event: Event) -> None:
+        if self.app is not None and event.app != self.app:
+            return
+        if len(self.backlog) == self.backlog.maxlen:
+            self.dropped += 1
+        self.backlog.append(to_wire(event))
+        self.ready.set()
+
+    def close(self) -> None:
+        self.closed = True
+        self.ready.set()
+
+    def take(self) -> str:
+        """What to write now: a ``dropped`` notice if events were lost, then the events."""
+        parts = []
+        if self.dropped:
+            parts.append(
+                f"event: dropped\ndata: {orjson.dumps({'dropped': self.dropped}).decode()}\n\n"
+            )
+            self.dropped = 0
+        while self.backlog:
+            parts.append(f"data: {orjson.dumps(self.backlog.popleft()).decode()}\n\n")
+        self.ready.clear()
+        return "".join(parts)
+
+
+class EventStreaming(tornado.web.RequestHandler):
+    """A handler that can answer with the host's event stream (mixed into the admin handlers of
+    both placements).
+    """
+
+    _subscription: _Subscription | None = None
+
+    async def stream_events(self, host: Host, app: str | None) -> None:
+        """Answer with the host's events (of *app*, or of every app) as Server-Sent Events
+        (``data: {json}`` per event, :func:`anvil_nb.core.events.to_wire`) until the reader goes
+        away. A comment every :data:`EVENTS_KEEPALIVE` seconds keeps a quiet stream open.
+        """
+        sub = self._subscription = _Subscription(app)
+        unsubscribe = host.events.subscribe(sub)
+        self.set_header("Content-Type", "text/event-stream; charset=utf-8")
+        self.set_header("Cache-Control", "no-cache")
+        try:
+            self.write(": anvil_nb events\n\n")
+            await self.flush()
+            while not sub.closed:
+                try:
+                    await asyncio.wait_for(sub.ready.wait(), EVENTS_KEEPALIVE)
+                except asyncio.TimeoutError:
+                    self.write(": keep-alive\n\n")
+                else:
+                    self.write(sub.take())
+                await self.flush()
+        except tornado.iostream.StreamClosedError:
+            pass
+        finally:
+            unsubscribe()
+
+    def on_connection_close(self) -> None:  # noqa: D102 - the reader went away
+        if self._subscription is not None:
+            self._subscription.close()
+
+
+class AdminEventsHandler(EventStreaming, _Base):
+    """``_/admin/events[?app=NAME]``: the host's event stream (all apps unless one is named),
+    as Server-Sent Events, for the server key's holder.
+    """
+
+    async def get(self) -> None:  # noqa: D102
+        if self.refused_without_the_server_key():
+            return
+        app = self.get_query_argument("app", None)
+        if app is not None and app not in self.keyring.names():
+            self.write_json(404, no_app(app))
+            return
+        await self.stream_events(self.host, app)

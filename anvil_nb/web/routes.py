@@ -15,6 +15,7 @@ use a route:
                             Jupyter auth in Jupyter)
 ``_/admin/apps``            every app with its URLs, keys, functions and portable classes
                             (the same rules)
+``_/admin/events[?app=N]``  the host's event stream (Server-Sent Events; the same rules)
 ==========================  ======================================================
 
 An app route names an app that exists (it has keys); others are a 404: apps are made by
@@ -31,7 +32,13 @@ import tornado.web
 from anvil_nb.config import KeyRing, Keys
 from anvil_nb.core.limits import Limits
 from anvil_nb.host.dispatcher import Host
-from anvil_nb.web.handlers import AdminAppsHandler, AdminStateHandler, ApiHandler, StatusPageHandler
+from anvil_nb.web.handlers import (
+    AdminAppsHandler,
+    AdminEventsHandler,
+    AdminStateHandler,
+    ApiHandler,
+    StatusPageHandler,
+)
 from anvil_nb.web.uplink import BrowserHandler, UplinkHandler
 
 __all__ = ["Handlers", "make_app", "routes", "websocket_settings"]
@@ -46,6 +53,7 @@ class Handlers:
     api: type = ApiHandler
     admin_state: type = AdminStateHandler
     admin_apps: type = AdminAppsHandler
+    admin_events: type = AdminEventsHandler
 
 
 def _join(prefix: str, path: str) -> str:
@@ -73,6 +81,7 @@ def routes(
         (_join(prefix, APP + "_/api/(.*)"), handlers.api, kwargs),
         (_join(prefix, "_/admin/state"), handlers.admin_state, kwargs),
         (_join(prefix, "_/admin/apps"), handlers.admin_apps, kwargs),
+        (_join(prefix, "_/admin/events"), handlers.admin_events, kwargs),
     ]
 
 

@@ -1,12 +1,14 @@
 """Live widgets: what the server side of this notebook (or any process) is doing, as it happens.
 
-* :class:`CallLog`: calls served by and made from this kernel, with their CallContext;
+* :class:`CallLog`: calls served by and made from this kernel, and (for a trusted connection)
+  the other calls of its app, with their CallContext;
 * :class:`SessionInspector`: the sessions served, with the keys each call changed;
 * :class:`CapabilityStream`: capability updates by scope, and their aggregate;
 * :class:`Registry`: registered names and who provides them;
 * :func:`dashboard`: all four in tabs (``%anvil dashboard``).
 
-They are fed by the events of whichever client the process uses (a kernel's after
+They are fed by the process's bus (:data:`anvil_nb.runtime.events`): the host's stream of the
+app, completed by what the process's own client did (whichever it is: a kernel's after
 ``%load_ext``, ``server.connect``'s, or the embedded host's of a plain script), pushed, never
 polled; they render at most every 100 ms (and as each cell ends in a kernel), keep bounded ring
 buffers, and share one set of models per process, so several dashboards agree. Saved without a

@@ -1,4 +1,5 @@
-"""CallLog: a live table of the calls served by and made from this kernel (or process).
+"""CallLog: a live table of the calls served by and made from this kernel (or process), and of
+the other calls of its app that the host reports (shown with ``·``).
 
 Each row: time, direction, function and arguments, caller type, trusted or not, client (type,
 IP, location), session, background task, duration, outcome (result or exception) and captured

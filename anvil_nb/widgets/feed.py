@@ -1,10 +1,11 @@
-"""The feed: one set of models per process, fed by :data:`anvil_nb.jupyter.kernel.events`.
+"""The feed: one set of models per process, fed by the process's bus (:data:`anvil_nb.runtime.events`).
 
 Every view of a process renders from the same models, so several dashboards in one notebook
-always agree. The feed subscribes once, to the process's bus, which carries the events of
-whichever client the process uses (:func:`anvil_nb.jupyter.kernel.follow` moves it to each new one):
-a kernel's (``%load_ext``, across reconnections and ``%anvil connect``), ``server.connect``'s,
-or the embedded host's of a plain script. The views keep working whichever host that is.
+always agree. The feed subscribes once, to the process's bus, which carries the host's stream of
+the app (what other connections did) and what this process's own client did, whichever client
+the process uses: a kernel's (``%load_ext``, across reconnections and ``%anvil connect``),
+``server.connect``'s, or the embedded host's of a plain script. The views keep working
+whichever host that is.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from typing import Any
 
 from anvil_nb import runtime
 from anvil_nb.core.events import Event, EventBus, RegistrySnapshot
-from anvil_nb.jupyter import kernel
 from anvil_nb.widgets.models import CallLogModel, CapabilityModel, RegistryModel, SessionModel
 
 __all__ = ["Feed", "shared_feed"]
@@ -27,7 +27,7 @@ class Feed:
     Parameters
     ----------
     bus : EventBus, optional
-        Where events come from (default: the process's bus, :data:`anvil_nb.jupyter.kernel.events`).
+        Where events come from (default: the process's bus, :data:`anvil_nb.runtime.events`).
     maxlen : int
         How many calls the call log keeps.
     me : str
@@ -41,7 +41,7 @@ class Feed:
         self.capabilities = CapabilityModel()
         self.registry = RegistryModel()
         self._models = (self.calls, self.sessions, self.capabilities, self.registry)
-        self.unsubscribe = (bus or kernel.events).subscribe(self.apply)
+        self.unsubscribe = (bus or runtime.events).subscribe(self.apply)
 
     def apply(self, event: Event) -> None:
         """Give an event to every model (called on whichever thread emitted it)."""
@@ -63,20 +63,6 @@ def _in_kernel() -> bool:
     return shell is not None and getattr(shell, "kernel", None) is not None
 
 
-def _process_registrations() -> dict[str, list[str]] | None:
-    """The host's registrations as the process's own client sees them (no ``%load_ext``).
-
-    A trusted client is made to watch the registry from now on, so changes are pushed.
-    """
-    client = runtime.current_client(start=False)
-    if client is None or kernel.follow(client, watch=True) is None:
-        return None  # no client yet (it is watched when it comes), or an untrusted one
-    try:
-        return dict(client.call("anvil.private.host_state").get("registrations") or {})
-    except Exception:  # gone meanwhile: the pushed snapshot (if any) will do
-        return None
-
-
 def shared_feed() -> Feed:
     """The process's feed, created on first use (and seeded with the host's registrations).
 
@@ -87,9 +73,8 @@ def shared_feed() -> Feed:
     with _lock:
         if _feed is None:
             _feed = Feed(me="this kernel" if _in_kernel() else "this process")
-            snapshot = kernel.registry_snapshot()
-            if snapshot is None:
-                snapshot = _process_registrations()
+            runtime.watch()  # someone listens now: the host pushes the app's events
+            snapshot = runtime.registrations()
             if snapshot is not None:
                 _feed.registry.load(snapshot)
         return _feed

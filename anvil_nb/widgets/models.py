@@ -166,7 +166,8 @@ def _location(client: dict[str, Any] | None) -> str:
 
 
 class CallLogModel(Model):
-    """The last *maxlen* calls served by or made from this kernel (or process), by call id.
+    """The last *maxlen* calls served by or made from this kernel (or process), and those of
+    other connections of its app that the host reports, by call id.
 
     *me* is the caller shown for calls made from here ("this kernel" or "this process").
     """
@@ -210,6 +211,8 @@ class CallLogModel(Model):
                     "client": {k: client.get(k) for k in ("type", "ip", "location") if k in client},
                     "session id": event.session_id,
                     "background task id": event.background_task_id,
+                    **({"from": event.caller} if event.caller else {}),
+                    **({"served by": event.provider} if event.provider else {}),
                 },
             )
             self.total += 1

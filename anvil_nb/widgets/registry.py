@@ -6,9 +6,9 @@ from typing import Any
 
 import ipywidgets as W
 
+from anvil_nb import runtime
 from anvil_nb.client.client import functions
 from anvil_nb.core import portable
-from anvil_nb.jupyter import kernel
 from anvil_nb.widgets import render
 from anvil_nb.widgets.feed import Feed, shared_feed
 from anvil_nb.widgets.view import LiveView
@@ -21,6 +21,12 @@ _BUILTIN_CLASSES = frozenset({"anvil.server._LoadAppResponse"})
 def function_names(feed: Feed) -> list[str]:
     """Every name registered with the host (as far as *feed* knows) or in this process."""
     return sorted(set(feed.registry.names()) | set(functions.names()))
+
+
+def _peer_name() -> str | None:
+    """The name the host knows this process's connection by (to mark its registrations)."""
+    conn = runtime.connection()
+    return conn.peer_name if conn is not None else None
 
 
 class Registry(LiveView):
@@ -41,7 +47,7 @@ class Registry(LiveView):
             self.model.names(),
             sorted(functions.names()),
             self._classes(),
-            kernel.peer_name(),
+            _peer_name(),
             self.feed.me,
         )
 

@@ -48,6 +48,11 @@ _STYLE = (
 )
 
 
+#: The direction column: a call served here, made from here, or seen at the host (another
+#: connection's call in this app).
+_ARROWS = {"in": "←", "out": "→"}
+
+
 def plural(n: int, word: str, words: str | None = None) -> str:
     """``1 call``, ``3 calls``."""
     return f"{n} {word if n == 1 else (words or word + 's')}"
@@ -99,7 +104,7 @@ def call_table(rows: list[CallRecord], total: int) -> str:
         out.append(
             f'<tr class="anvil-nb-call" data-function="{_e(c.function)}" data-caller="{_e(c.caller)}" '
             f'data-outcome="{_e(c.outcome)}" data-call="{_e(c.call_id)}">'
-            f"<td>{_clock(c.time)}</td><td>{'→' if c.direction == 'out' else '←'}</td>"
+            f"<td>{_clock(c.time)}</td><td>{_ARROWS.get(c.direction, '·')}</td>"
             f'<td class="wrap wide"><div><b>{_e(c.function)}</b>({_e(c.args)})</div></td>'
             f"<td>{_e(c.caller)}</td><td>{trust}</td>"
             f'<td class="wrap client"><div>{_e(client)}</div></td><td>{_e(c.session_id[:8])}</td>'
@@ -142,7 +147,7 @@ def call_detail(c: CallRecord | None) -> str:
     elif c.outcome == "error":
         parts.append(
             '<b>Error</b><pre class="error">Traceback (most recent call last):\n'
-            f"{traceback_html(c.trace, local=c.direction != 'out')}"
+            f"{traceback_html(c.trace, local=c.direction == 'in')}"
             f"{_e(c.error_type)}: {_e(c.error_message)}</pre>"
         )
     if c.output:

@@ -34,7 +34,10 @@ from typing import Any
 
 import orjson
 import pytest
-from peers import WAIT, ProviderProc, RawWS, ServeProc
+from support.peers import WAIT, ProviderProc
+from support.processes import ServeProc
+from support.waiting import wait_until
+from support.ws import RawWS
 
 MiB = 1024 * 1024
 
@@ -144,18 +147,6 @@ def admin_state(host: ServeProc) -> dict[str, Any]:
         return orjson.loads(answer.read())
 
 
-def wait_for(what: str, check: Callable[[], Any], timeout: float = WAIT) -> Any:
-    """Poll *check* until it returns something true (bounded)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)  # polling interval, not a synchronisation
-
-
 class PeakRSS:
     """Samples the host's RSS every 20 ms on a thread of its own."""
 
@@ -238,8 +229,8 @@ def flood(host: ServeProc, raw_ws: Callable[..., RawWS], base: Path) -> dict[str
             bystander.round()
             return in_flight() == 0 and bystander.rounds > 10
 
-        wait_for("the calls to be in flight", in_flight)
-        wait_for("every call of the slow consumers to be answered", flood_over, timeout=40)
+        wait_until(in_flight, WAIT, "the calls to be in flight")
+        wait_until(flood_over, 40, "every call of the slow consumers to be answered")
         peak = rss.stop()
         answers = []
         for ws in consumers:  # now read: every call was answered, most with QuotaExceededError
@@ -353,7 +344,7 @@ def test_running_out_of_file_descriptors_neither_spins_nor_floods_the_log(
             s.setblocking(False)
             s.connect_ex(("127.0.0.1", host.port))
             socks.append(s)
-        wait_for("the host to run out of descriptors", lambda: host.open_fds() >= 60)
+        wait_until(lambda: host.open_fds() >= 60, WAIT, "the host to run out of descriptors")
         log_before, cpu_before = len(host.log()), host.cpu_seconds()
         time.sleep(3)  # the measuring window
         cpu = host.cpu_seconds() - cpu_before
@@ -375,7 +366,7 @@ def test_running_out_of_file_descriptors_neither_spins_nor_floods_the_log(
         ws.send(call("legit", "anvil.private.echo", "hi"))
         return ws.response("legit").get("response") == "hi"
 
-    wait_for("a legit client to be served", legit_call)
+    wait_until(legit_call, WAIT, "a legit client to be served")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -393,9 +384,10 @@ def test_a_frozen_provider_is_declared_lost_within_ping_interval_plus_timeout(
         assert caller.hello(host.client_key).get("auth") == "OK"
         for i in range(3):
             caller.send(call(f"slow-{i}", "slow", 60))
-        wait_for(
-            "the calls to reach the provider",
+        wait_until(
             lambda: sum(p["calls_in_flight"] for p in admin_state(host)["peers"]) == 3,
+            WAIT,
+            "the calls to reach the provider",
         )
         os.kill(provider.proc.pid, signal.SIGSTOP)
         frozen = time.monotonic()
@@ -430,7 +422,7 @@ def test_a_long_peer_string_is_clipped_and_a_flood_of_bad_frames_costs_a_few_lin
         assert len(frames[-1]["error"]) < 1000
     finally:
         ws.close()
-    logged = wait_for("the warning", lambda: host.log()[before:])
+    logged = wait_until(lambda: host.log()[before:], WAIT, "the warning")
     assert "ZZZZ" in logged and len(logged) < 600, logged[:1000]
 
     before = len(host.log())

@@ -9,14 +9,15 @@ own answer (none lost, duplicated or mismatched), and the host answers new conne
 from __future__ import annotations
 
 import json
-import threading
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from peers import RawWS, ServeProc
+from support.peers import CallLoop
+from support.processes import ServeProc
+from support.ws import RawWS
 
 from anvil_nb.client.client import Client, FunctionRegistry
 from anvil_nb.client.websocket import WebSocketTransport
@@ -27,7 +28,7 @@ KEYS = ["type", "id", "command", "args", "kwargs", "objects", "response", "error
         "sessionData", "call-stack-id", "capUpdates", "vt_global", "liveObjectCall", "name",
         "requestId", "mediaId", "chunkIndex", "lastChunk", "key", "v", "output", "auth"]  # fmt: skip
 COMMANDS = ["echo", "anvil.private.echo", "anvil.private.reset_session", "task:x", "http:/a",
-            "anvil.private.capability_is_valid", "anvil.private.watch_registry", "e.ho", "(a+)+$",
+            "anvil.private.capability_is_valid", "anvil.private.watch_events", "e.ho", "(a+)+$",
             "anvil.private.host_state", "anvil.private.get_session_id"]  # fmt: skip
 
 scalars = st.one_of(
@@ -136,33 +137,18 @@ class LegitTraffic:
         self.provider = Client(
             WebSocketTransport(host.url, host.server_key), functions=registry
         ).start()
-        self.caller = Client(
-            WebSocketTransport(host.url, host.client_key), functions=FunctionRegistry()
-        ).start()
-        self.ok = 0
-        self.wrong: list[Any] = []
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
+        self.caller = CallLoop(host, LEGIT, "legit")
 
-    def _run(self) -> None:
-        i = 0
-        while not self.stop.is_set():
-            i += 1
-            try:
-                got = self.caller.call(LEGIT, [i, "legit"])
-            except Exception as exc:  # a lost call is a failure of the test
-                self.wrong.append(repr(exc))
-                continue
-            if got == [i, "legit"]:
-                self.ok += 1
-            else:
-                self.wrong.append(got)
+    @property
+    def ok(self) -> int:
+        return len(self.caller.ok)
+
+    @property
+    def wrong(self) -> list[Any]:
+        return self.caller.wrong
 
     def close(self) -> None:
-        self.stop.set()
-        self.thread.join(30)
-        self.caller.close()
+        self.caller.close(30)
         self.provider.close()
 
 

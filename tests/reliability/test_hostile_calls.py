@@ -16,7 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from peers import WAIT, ProviderProc, RawWS, ServeProc
+from support.peers import WAIT, ProviderProc
+from support.processes import ServeProc
+from support.ws import RawWS
 
 
 @pytest.fixture(params=["nb", "real"])

@@ -30,8 +30,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from peers import WAIT
-from support import Lines, stop_process, tail
+from support.peers import WAIT
+from support.processes import close_piped, start_piped, tail
+from support.waiting import wait_until
 
 from anvil_nb import runtime, server
 from anvil_nb.client.client import Client, FunctionRegistry
@@ -45,22 +46,6 @@ from anvil_nb.core.errors import (
 #: Seconds within which a client must be back after the host is: the reconnection delay
 #: (1 s, then 2 s if the host was not up yet, ...) plus the host's start-up, with slack.
 RECOVERY = 25.0
-
-
-def until(fn: Callable[[], Any], timeout: float, what: str, retry: tuple[type, ...] = ()) -> Any:
-    """Poll ``fn()`` until it returns a truthy value (errors in *retry* count as not yet)."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while True:
-        try:
-            last = fn()
-            if last:
-                return last
-        except retry as exc:
-            last = exc
-        if time.monotonic() > deadline:
-            pytest.fail(f"{what}: not within {timeout} s (last: {last!r})")
-        threading.Event().wait(0.05)  # poll interval; nothing to be notified by
 
 
 @pytest.fixture
@@ -112,17 +97,24 @@ def test_a_provider_busy_while_the_host_crashes_serves_again_after_the_restart(
 
     with pytest.raises(UplinkDisconnectedError):  # the caller's call in flight fails
         pending.result(WAIT)
-    until(lambda: provider.connected, RECOVERY, "the provider reconnects")
+    wait_until(lambda: provider.connected, RECOVERY, "the provider reconnects")
     release.set()  # "slow" answers now, when a new connection is up
-    until(
+    wait_until(
         lambda: any("was dropped" in r.getMessage() and "slow" in r.getMessage() for r in caplog.records),
         WAIT,
         "the provider drops the answer to a call of the lost connection",
     )  # fmt: skip
     # A new caller, and the old one (reconnected by itself), reach the provider again.
     fresh = clients(host.url, host.client_key)
-    until(lambda: ping_from(fresh, "pong"), RECOVERY, "a new caller", (NoServerFunctionError,))
-    until(lambda: ping_from(caller, "pong"), RECOVERY, "the old caller", (NoServerFunctionError,))
+    wait_until(
+        lambda: ping_from(fresh, "pong"), RECOVERY, "a new caller", retry=(NoServerFunctionError,)
+    )
+    wait_until(
+        lambda: ping_from(caller, "pong"),
+        RECOVERY,
+        "the old caller",
+        retry=(NoServerFunctionError,),
+    )
     assert provider.fatal is None and provider.transport.reconnects
     provider.sync()  # the host has handled everything the provider sent
     assert "unknown call id" not in host.log()
@@ -144,7 +136,12 @@ def test_a_fatal_frame_that_is_not_a_key_refusal_ends_one_connection_not_the_cli
         provider.sync()  # sent after the bad frame: the connection ends before its answer
     assert "unexpected message" in host.log()
 
-    until(lambda: ping_from(caller, "pong"), RECOVERY, "the provider is back", (NoServerFunctionError,))  # fmt: skip
+    wait_until(
+        lambda: ping_from(caller, "pong"),
+        RECOVERY,
+        "the provider is back",
+        retry=(NoServerFunctionError,),
+    )
     assert provider.connected and provider.fatal is None
     assert provider.transport.reconnects and provider.transport.reading
 
@@ -183,16 +180,9 @@ class Script:
         path = tmp / "user_script.py"
         path.write_text(SCRIPT)
         self.log_path = tmp / "user_script.log"
-        self._log = open(self.log_path, "w")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
-            [sys.executable, str(path), url, key],
-            cwd=tmp,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=self._log,
-            text=True,
+        self.proc, self.lines, self._log = start_piped(
+            [sys.executable, str(path), url, key], self.log_path, cwd=tmp, stdin=subprocess.PIPE
         )
-        self.lines = Lines(self.proc.stdout)
         assert self.read() == "connected"
 
     def read(self, timeout: float = WAIT) -> str:
@@ -210,10 +200,8 @@ class Script:
         return self.read(timeout)
 
     def stop(self) -> None:
-        stop_process(self.proc)
+        close_piped(self.proc, self.lines, self._log)
         self.proc.stdin.close()  # type: ignore[union-attr]
-        self.proc.stdout.close()  # type: ignore[union-attr]
-        self._log.close()
 
 
 def test_a_connected_script_rides_out_a_host_restart_without_an_embedded_host(
@@ -235,7 +223,7 @@ def test_a_connected_script_rides_out_a_host_restart_without_an_embedded_host(
             answers.append(script.ask("call", timeout=WAIT + 15))
             return answers[-1] == f"ok {marker}"
 
-        until(served, RECOVERY + 15, "calls succeed again after the restart")
+        wait_until(served, RECOVERY + 15, "calls succeed again after the restart")
         assert all(a.startswith(("ok", "err NoServerFunctionError")) for a in answers), answers
         assert script.ask("online") == "online True"
         assert script.ask("end") == "embedded-host-started False"
@@ -251,7 +239,7 @@ def test_calls_during_an_outage_wait_then_raise_app_offline_naming_the_host(serv
     assert client is not None
     client.offline_wait = 1.5
     host.stop()
-    until(lambda: not server.is_app_online(), WAIT, "is_app_online turns False")
+    wait_until(lambda: not server.is_app_online(), WAIT, "is_app_online turns False")
 
     t0 = time.monotonic()
     with pytest.raises(AppOfflineError, match="unreachable") as info:
@@ -304,8 +292,10 @@ def test_a_key_refused_on_reconnection_stops_the_client_and_every_call_says_so(s
     assert client.call("anvil.private.echo", "hi") == "hi"
     host.server_key = "server_" + secrets.token_urlsafe(12)  # the host comes back with another key
     host.restart()
-    until(lambda: client.fatal is not None, RECOVERY, "the client hears that its key is refused")
-    until(lambda: not client.transport.reading, WAIT, "the transport stops reconnecting")
+    wait_until(
+        lambda: client.fatal is not None, RECOVERY, "the client hears that its key is refused"
+    )
+    wait_until(lambda: not client.transport.reading, WAIT, "the transport stops reconnecting")
     t0 = time.monotonic()
     with pytest.raises(AppOfflineError, match="^Anvil fatal error: Incorrect uplink key$"):
         client.call("anvil.private.echo", "hi")

@@ -1,4 +1,4 @@
-"""Helpers for the wire tests (imported by ``test_vectors``, ``test_serialise``, ``test_portable``).
+"""What crossing the wire does to a value (for ``test_vectors``, ``test_serialise``, ``test_portable``).
 
 ``assert_same(expected, actual)`` compares a value with what came back from the wire: it is
 stricter than ``==`` (types must match, datetimes must keep their UTC offset, portable objects
