@@ -13,6 +13,7 @@ import threading
 from typing import Any
 
 import pytest
+from support.gates import Gate
 from support.waiting import wait_until
 
 from anvil_nb import server
@@ -473,12 +474,8 @@ def test_call_times_out_and_the_late_answer_is_dropped():
 
 
 def test_provider_lost_mid_call_fails_the_caller_at_once(connect, host_thread):
-    started, release = threading.Event(), threading.Event()
-
-    def slow():
-        started.set()
-        release.wait(WAIT)
-
+    slow = Gate(timeout=WAIT)
+    started, release = slow.started, slow.release
     provider = provider_with(connect, slow=slow)
     caller = connect()
     errors: list[BaseException] = []

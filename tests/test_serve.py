@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support.gates import Gate
 
 from anvil_nb.client.client import Client, FunctionRegistry
 from anvil_nb.client.websocket import WebSocketTransport
@@ -124,13 +125,9 @@ def test_generated_keys_are_printed_kept_and_reused(serve, tmp_path):
 
 def test_calls_in_flight_fail_when_the_host_stops(serve):
     s = serve("--server-key", "S", "--client-key", "C")
-    started, release = threading.Event(), threading.Event()
+    slow = Gate(timeout=WAIT)
+    started, release = slow.started, slow.release
     registry = FunctionRegistry()
-
-    def slow() -> None:
-        started.set()
-        release.wait(WAIT)
-
     registry.register("slow", slow)
     provider = Client(WebSocketTransport(s.url, "S", reconnect=False), functions=registry).start()
     caller = Client(

@@ -23,7 +23,6 @@ import contextlib
 import json
 import os
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -34,6 +33,7 @@ import orjson
 import pytest
 import tornado.httpclient
 import tornado.websocket
+from support.gates import Gate
 from traitlets import TraitError
 from traitlets.config import Config
 
@@ -690,13 +690,8 @@ async def test_the_host_stops_with_the_server(server: Any, open_ws: Callable[...
 
 
 async def test_calls_in_flight_fail_when_the_server_stops(server: Any, join: Callable[..., Any]):
-    started, release = threading.Event(), threading.Event()
-
-    def slow() -> str:
-        started.set()
-        release.wait(WAIT)
-        return "too late"
-
+    slow = Gate("too late", timeout=WAIT)
+    started, release = slow.started, slow.release
     registry = FunctionRegistry()
     registry.register("slow", slow)
     provider = await join(SERVER_KEY, registry)

@@ -19,6 +19,7 @@ import tornado.httpserver
 import tornado.netutil
 import tornado.web
 import tornado.websocket
+from support.gates import Gate
 from support.nethost import KEYS, NetHost
 from support.waiting import wait_until
 from support.ws import RawWS
@@ -328,12 +329,8 @@ def test_client_reconnects_and_registers_again_after_the_connection_drops(net):
 
 
 def test_provider_lost_mid_call_fails_the_caller_at_once(net):
-    started, release = threading.Event(), threading.Event()
-
-    def slow():
-        started.set()
-        release.wait(WAIT)
-
+    slow = Gate(timeout=WAIT)
+    started, release = slow.started, slow.release
     provider = net.provider(slow=slow)
     provider.transport.reconnect = False
     caller = net.client(KEYS.client_key)

@@ -23,13 +23,13 @@ import secrets
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from support.gates import Gate
 from support.peers import WAIT
 from support.processes import close_piped, start_piped, tail
 from support.waiting import wait_until
@@ -78,13 +78,8 @@ def test_a_provider_busy_while_the_host_crashes_serves_again_after_the_restart(
 ):
     caplog.set_level(logging.INFO, logger="anvil_nb.client.client")
     host = serve_proc()
-    started, release = threading.Event(), threading.Event()
-
-    def slow() -> str:
-        started.set()
-        release.wait(WAIT)
-        return "late"
-
+    slow = Gate("late", timeout=WAIT)
+    started, release = slow.started, slow.release
     registry = FunctionRegistry()
     registry.register("slow", slow)
     registry.register("ping", lambda: "pong")
