@@ -51,6 +51,7 @@ from typing import Any
 import mistune
 import pytest
 from support.processes import Lines, stop_process
+from support.waiting import wait_until
 
 from anvil_nb import server
 from anvil_nb.core.errors import NoServerFunctionError
@@ -303,15 +304,16 @@ def wait_until_served(name: str, client_key: str, port: int, provider: Process) 
     """Wait until the host has *name* (the provider registers it just after connecting)."""
     server.connect(client_key, url=f"ws://127.0.0.1:{port}/_/uplink", quiet=True)
     try:
-        deadline = time.monotonic() + WAIT
-        while True:
+
+        def answered() -> bool:
             try:
                 server.call(name, "anvil_nb")
-                return
             except NoServerFunctionError:
                 assert provider.proc.poll() is None, Process.rest(provider.stderr)
-                assert time.monotonic() < deadline, f"{name} was never registered"
-                time.sleep(0.05)
+                return False
+            return True
+
+        wait_until(answered, WAIT, f"{name} to be registered")
     finally:
         server.disconnect()
 

@@ -9,7 +9,6 @@ was wrong, and that the provider, its session and other connections are untouche
 from __future__ import annotations
 
 import json
-import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Any
 import pytest
 from support.peers import WAIT, ProviderProc
 from support.processes import ServeProc
+from support.waiting import wait_until
 from support.ws import RawWS
 
 
@@ -46,8 +46,8 @@ _ids = iter(range(1, 1_000_000))
 
 def call(ws: RawWS, command: str, *args: Any, objects: list[Any] | None = None) -> dict[str, Any]:
     """Send a CALL and return its response (waiting for the registration if needed)."""
-    deadline = time.monotonic() + WAIT
-    while True:
+
+    def attempt() -> dict[str, Any] | None:
         call_id = f"c{next(_ids)}"
         ws.send(
             {
@@ -61,9 +61,9 @@ def call(ws: RawWS, command: str, *args: Any, objects: list[Any] | None = None) 
         )
         reply = ws.response(call_id)
         missing = "NoServerFunctionError" in str(reply.get("error", {}).get("type"))
-        if not missing or time.monotonic() > deadline:
-            return reply
-        time.sleep(0.05)  # poll: the provider registers right after connecting
+        return None if missing else reply  # the provider registers right after connecting
+
+    return wait_until(attempt, WAIT, f"{command!r} to be registered")
 
 
 def client_caller(host: ServeProc, raw_ws: Callable[..., RawWS]) -> RawWS:
