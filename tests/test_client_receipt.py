@@ -125,7 +125,10 @@ def test_a_call_whose_session_blob_points_outside_the_session_never_runs(rig):
 
 def test_entries_inside_the_values_are_rebuilt_as_before(rig):
     client, transport, registry = rig
-    registry.register("when", lambda d, *, also: [type(d).__name__, str(d), str(also)])
+    registry.register(
+        "when",
+        lambda d, *, also: [type(d).__name__, str(d), str(also), str(server.session["seen"])],
+    )
     blob = {"session": {"seen": None}, "objects": [a_date(["session", "seen"])]}
     msg = incoming_call(
         "when",
@@ -136,9 +139,19 @@ def test_entries_inside_the_values_are_rebuilt_as_before(rig):
     )
     transport.deliver(msg)
     answer = transport.next_sent(id="server-1")
-    assert answer["response"] == ["date", "2020-01-02", "2020-01-02"], answer
-    # the session came back, its date still a date
+    assert answer["response"] == ["date", "2020-01-02", "2020-01-02", "2020-01-02"], answer
+    # the call used its session, so it came back, its date still a date
     assert answer["sessionData"]["objects"] == [a_date(["session", "seen"])]
+
+
+def test_a_call_that_never_uses_its_session_sends_none_back(rig):
+    client, transport, registry = rig
+    registry.register("plain", lambda: "ok")
+    blob = {"session": {"n": 1}, "objects": [a_date(["session", "n"])]}
+    transport.deliver(incoming_call("plain", sessionData=blob))
+    answer = transport.next_sent(id="server-1")
+    assert answer["response"] == "ok"
+    assert "sessionData" not in answer  # unchanged: the host keeps what it has
 
 
 # ---------------------------------------------------------------------------------------------

@@ -199,7 +199,6 @@ class CallState:
     request_id: str
     command: str
     context: CallContext
-    session: dict[str, Any]
     session_id: str | None
     capabilities: list[Capability] = field(default_factory=list)
     #: What the call printed, when the client captures output (kernels do).
@@ -207,6 +206,43 @@ class CallState:
     #: The connection (its number) the call came on; once that connection is lost, the
     #: host has failed the call and its answer is dropped.
     generation: int = 0
+    #: The session as it came (wire form): rebuilt only when the call uses ``session``, so a
+    #: call that never touches it costs no session work and sends none back.
+    session_blob: Any = None
+    _session: dict[str, Any] | None = field(default=None, repr=False)
+
+    @property
+    def session(self) -> dict[str, Any]:
+        """The call's session (rebuilt from its wire form on first use)."""
+        if self._session is None:
+            self._session = self.client._load_session(self.session_blob)
+        return self._session
+
+    @property
+    def session_used(self) -> bool:
+        """Whether the call rebuilt its session (only then can it have changed it)."""
+        return self._session is not None
+
+    def replace_session(self, session: dict[str, Any] | None = None, blob: Any = None) -> None:
+        """Take a new session: rebuilt (*session*) or still in wire form (*blob*)."""
+        self._session, self.session_blob = session, blob
+
+    def adopt_session(self, session: dict[str, Any] | None, blob: dict[str, Any]) -> None:
+        """Take the session a nested call sent back: *session* rebuilt when this call already
+        uses its session (the same dict is updated, so whoever holds it sees the change),
+        else *blob*, rebuilt if the call uses it later.
+        """
+        if session is not None and self._session is not None:
+            self._session.clear()
+            self._session.update(session)
+        else:
+            self.replace_session(blob=blob)
+
+    def session_on_wire(self) -> dict[str, Any]:
+        """The session in wire form, to send along (unchanged if the call never used it)."""
+        if self._session is None and isinstance(self.session_blob, dict):
+            return self.session_blob
+        return self.client._dump_session(self.session)
 
 
 _current: contextvars.ContextVar[CallState | None] = contextvars.ContextVar(
@@ -490,19 +526,20 @@ class Client:
         context = CallContext.from_wire(self.own_type, msg.get("client"), msg.get("call-stack"))
         trusted = context.remote_caller.is_trusted if context.remote_caller else True
         state = CallState(
-            self, rid, command, context, {}, msg.get("session-id"), generation=generation
-        )
+            self, rid, command, context, msg.get("session-id"), generation=generation,
+            session_blob=msg.get("sessionData"),
+        )  # fmt: skip
         _current.set(state)
         if self.capture_output:
             state.output = capture.start_capture()
         try:
             _check_received(msg.get("objects"), protocol.CALL_ROOTS, "The call was refused")
+            _check_session(msg.get("sessionData"), "The call was refused")
             entry = self.functions.lookup(command)
             if entry is None:
                 raise NoServerFunctionError(
                     f'No server function matching "{command}" has been registered'
                 )
-            state.session = self._load_session(msg.get("sessionData"))
             deserialise(
                 msg,
                 media=media,
@@ -597,7 +634,7 @@ class Client:
             enc.message["response"],
             enc.message.get("objects") or [],
             vt_global=enc.message.get("vt_global"),
-            session_data=self._dump_session(state.session),
+            session_data=self._dump_session(state.session) if state.session_used else None,
             cap_updates=updates,
         )
         return msg, {mid: m.get_bytes() for mid, m in enc.media}
@@ -613,7 +650,7 @@ class Client:
             output=state.output.getvalue() if state.output is not None else "",
             trace=() if error is None else tuple(trace_of(error.__traceback__)),
         ))  # fmt: skip
-        if error is None and state.session_id:
+        if error is None and state.session_id and state.session_used:
             self.events.emit(
                 SessionChanged(time.time(), state.session_id, "saved", dict(state.session))
             )
@@ -755,7 +792,7 @@ class Client:
             enc.message.get("objects") or [],
             call_stack_id=state.request_id if nested else None,  # type: ignore[union-attr]
             vt_global=enc.message.get("vt_global"),
-            session_data=self._dump_session(state.session) if nested else None,  # type: ignore[union-attr]
+            session_data=state.session_on_wire() if nested else None,  # type: ignore[union-attr]
         )
         media = {mid: m.get_bytes() for mid, m in enc.media} if enc.media else None
         pending = _Pending()
@@ -797,10 +834,12 @@ class Client:
                 raise error_from_wire(msg["error"], where="the server function")
             where = f"The response of {pending.command!r} was refused"
             _check_received(msg.get("objects"), protocol.RESPONSE_ROOTS, where)
-            session = None
+            session, blob = None, msg.get("sessionData")
             state = pending.state
-            if state is not None and isinstance(msg.get("sessionData"), dict):
-                session = self._load_session(msg["sessionData"], where=where)
+            if state is not None and isinstance(blob, dict):
+                _check_session(blob, where)
+                if state.session_used:
+                    session = self._load_session(blob, where=where)
             caps: list[Capability] = []
             deserialise(
                 msg,
@@ -814,23 +853,30 @@ class Client:
             raise
         for cap in caps:  # is_valid asks the host about this connection's session
             cap._validity = self._capability_is_valid
-        updates = msg.get("capUpdates")
-        if updates and isinstance(updates, dict):
-            for cap in pending.caps:
-                key = scope_key(cap.scope)
-                if key in updates:
-                    cap._apply_update(updates[key])
-                    if self.events.active:
-                        self.events.emit(
-                            CapabilityUpdated(
-                                time.time(), pending.call_id, key, updates[key], "received"
-                            )
-                        )
+        self._apply_updates(pending, msg.get("capUpdates"))
         self._emit_made(pending, result=msg.get("response"))
-        if state is not None and session is not None:
-            state.session.clear()
-            state.session.update(session)
+        if state is not None and isinstance(blob, dict):
+            state.adopt_session(session, blob)
         return msg.get("response")
+
+    def _apply_updates(self, pending: _Pending, updates: Any) -> None:
+        """Apply the capability updates of a response to the capabilities the call passed."""
+        if not updates or not isinstance(updates, dict):
+            return
+        for cap in pending.caps:
+            key = scope_key(cap.scope)
+            if key in updates:
+                cap._apply_update(updates[key])
+                if self.events.active:
+                    self.events.emit(CapabilityUpdated(
+                        time.time(), pending.call_id, key, updates[key], "received"
+                    ))  # fmt: skip
+
+
+def _check_session(blob: Any, where: str) -> None:
+    """The receipt rule for a session blob (checked on arrival, even if it is never rebuilt)."""
+    if isinstance(blob, dict) and blob.get("objects"):
+        _check_received(blob["objects"], protocol.SESSION_ROOTS, where, "sessionData")
 
 
 def _check_received(objects: Any, roots: frozenset[str], where: str, what: str = "msg") -> None:
@@ -857,7 +903,10 @@ def reset_current_session(client: Client) -> str:
     if old_id and client.events.active:
         client.events.emit(SessionChanged(time.time(), old_id, "reset", replaced_by=new_id))
     if state is not None and state.client is client:
-        state.session.clear()
+        if state.session_used:
+            state.session.clear()
+        else:
+            state.replace_session({})
         state.session_id = new_id
         for cap in state.capabilities:
             cap._validity = client._capability_is_valid
