@@ -17,11 +17,16 @@ Backpressure: the bytes sent but not yet written to the socket are counted; a th
 while more than ``max_queued_bytes`` wait (a provider answering faster than the host reads)
 blocks until half of them are written or the connection ends, so a process never buffers
 without bound. The I/O thread itself never blocks.
+
+Cost per message: frames are handled as tornado parses them (a message callback, no queue of
+futures in between), and messages sent from other threads wait in one outbox that the I/O loop
+drains, so a burst of answers wakes the loop once, not once per answer.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import contextlib
 import logging
@@ -114,6 +119,14 @@ class WebSocketTransport(Transport):
         self._closing = False
         self._delay = FIRST_RETRY_DELAY
         self._reader: concurrent.futures.Future[None] | None = None
+        #: Messages sent from other threads, in order, for the I/O loop to write (guarded by
+        #: ``_drained``); ``_flushing`` says a drain is already scheduled.
+        self._outbox: collections.deque[tuple[bytes, Any, Mapping[str, bytes] | None, int]] = (
+            collections.deque()
+        )
+        self._flushing = False
+        #: The frames of the current connection, as tornado parses them.
+        self._frames: _Frames | None = None
 
     @property
     def name(self) -> str:
@@ -172,9 +185,16 @@ class WebSocketTransport(Transport):
             if self._ws is None or self._closing:  # it ended while we waited
                 raise ConnectionError(f"not connected to {self.url}")
             self._queued += size
+            self._outbox.append((data, msg.get("id"), media, size))
+            if self._flushing:
+                return  # a drain is scheduled: it will write this too, in order
+            self._flushing = True
         try:
-            self._loop.call_soon_threadsafe(self._write, data, msg.get("id"), media, size)
+            self._loop.call_soon_threadsafe(self._flush)
         except RuntimeError:  # the loop was closed meanwhile: the transport is closed
+            with self._drained:
+                self._outbox.clear()
+                self._flushing = False
             self._written(size)
             raise ConnectionError(f"not connected to {self.url}") from None
 
@@ -196,8 +216,9 @@ class WebSocketTransport(Transport):
             connect_timeout=self.connect_timeout,
             request_timeout=self.connect_timeout,
         )
+        frames = _Frames(self)
         ws = await tornado.websocket.websocket_connect(
-            request, max_message_size=self.max_frame_bytes
+            request, max_message_size=self.max_frame_bytes, on_message_callback=frames.arrived
         )
         try:
             ws.protocol.set_nodelay(True)  # type: ignore[union-attr] # small frames: never wait on Nagle
@@ -209,6 +230,16 @@ class WebSocketTransport(Transport):
             ws.close()
             raise ConnectionError("the transport was closed while connecting")
         self._ws = ws
+        self._frames = frames
+
+    def _flush(self) -> None:
+        """Write everything in the outbox (on the I/O thread)."""
+        with self._drained:
+            items = list(self._outbox)
+            self._outbox.clear()
+            self._flushing = False
+        for item in items:
+            self._write(*item)
 
     def _write(
         self, data: bytes, request_id: Any, media: Mapping[str, bytes] | None, size: int
@@ -287,25 +318,9 @@ class WebSocketTransport(Transport):
             return
 
     async def _read_connection(self) -> str:
-        ws = self._ws
-        assert ws is not None
-        assembler = protocol.MediaAssembler()
-        while True:
-            frame = await ws.read_message()
-            if frame is None:
-                reason = ws.close_reason or "connection closed"
-                ws.close()  # release it on our side too (tornado warns otherwise)
-                return reason
-            try:
-                done = self._take(frame, assembler)
-            except ProtocolError as exc:
-                _quiet.warning(
-                    log, "bad-frame:" + self.url, "bad frame from %s: %s", self.url, clip(str(exc))
-                )
-                ws.close(1002, protocol.close_reason(str(exc)))
-                return str(exc)
-            for msg, media in done:
-                self._deliver(msg, media)
+        frames = self._frames
+        assert frames is not None, "a connection is up"
+        return await frames.start()
 
     def _take(
         self, frame: str | bytes, assembler: protocol.MediaAssembler
@@ -347,3 +362,54 @@ class WebSocketTransport(Transport):
         self._loop.call_soon_threadsafe(self._loop.stop)
         if threading.current_thread() is not self._thread:
             self._thread.join(10)
+
+
+class _Frames:
+    """The frames of one connection, handled as tornado parses them (its message callback).
+
+    Frames that arrive before the transport takes the connection (the host's ``auth`` can come
+    while the hello is still being written) wait, in order, until :meth:`start`. :meth:`start`
+    returns when the connection ends, with the reason.
+    """
+
+    def __init__(self, transport: WebSocketTransport):
+        self.transport = transport
+        self.assembler = protocol.MediaAssembler()
+        self.early: list[str | bytes | None] | None = []
+        self.ended: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+
+    def arrived(self, frame: str | bytes | None) -> None:
+        if self.early is not None:
+            self.early.append(frame)
+        elif not self.ended.done():
+            self._handle(frame)
+
+    async def start(self) -> str:
+        early, self.early = self.early or [], None
+        for frame in early:
+            if self.ended.done():
+                break
+            self._handle(frame)
+        return await self.ended
+
+    def _handle(self, frame: str | bytes | None) -> None:
+        t = self.transport
+        ws = t._ws
+        if frame is None:
+            reason = (ws.close_reason if ws is not None else None) or "connection closed"
+            if ws is not None:
+                ws.close()  # release it on our side too (tornado warns otherwise)
+            self.ended.set_result(reason)
+            return
+        try:
+            done = t._take(frame, self.assembler)
+        except ProtocolError as exc:
+            _quiet.warning(
+                log, "bad-frame:" + t.url, "bad frame from %s: %s", t.url, clip(str(exc))
+            )
+            if ws is not None:
+                ws.close(1002, protocol.close_reason(str(exc)))
+            self.ended.set_result(str(exc))
+            return
+        for msg, media in done:
+            t._deliver(msg, media)
