@@ -1,10 +1,10 @@
 """Run a module or a script under yappi (CPU clock), profiling between SIGUSR1 and SIGUSR2.
 
-Used by ``bench/bench_relay.py --profile`` to profile the host and provider subprocesses in
-the measured window only::
+Used by ``bench/bench_relay.py --profile --profiler yappi`` to profile the host, the provider
+and the callers subprocesses in the measured window only::
 
     python bench/profiled.py OUT.json -m anvil_nb serve --port 0 ...
-    python bench/profiled.py OUT.json bench/bench_relay.py --serve-echo URL
+    python bench/profiled.py OUT.json bench/relay_peers.py provider --kind plain --url URL --key KEY
 
 SIGUSR1 starts yappi (every thread, C functions included, CPU clock: time spent waiting is not
 counted, time in system calls is); SIGUSR2 stops it and writes :func:`snapshot` to OUT.json.
@@ -40,10 +40,12 @@ def stop() -> dict[str, Any]:
 
 
 def snapshot() -> dict[str, Any]:
-    """``{"total": s, "functions": [[module, name, calls, self_s, incl_s], ...]}``."""
+    """``{"total": s, "functions": [[module, name, calls, self_s, incl_s], ...]}``; *module* is
+    the last two parts of the module's path (``tornado/websocket.py``).
+    """
     total = sum(t.ttot for t in yappi.get_thread_stats())
     functions = [
-        [Path(f.module).name if f.module else "", f.name, f.ncall, f.tsub, f.ttot]
+        ["/".join(Path(f.module).parts[-2:]) if f.module else "", f.name, f.ncall, f.tsub, f.ttot]
         for f in yappi.get_func_stats()
     ]
     return {"total": total, "functions": functions}

@@ -1,27 +1,27 @@
-"""The floor for ``bench/bench_relay.py``: a bare two-hop WebSocket relay on tornado.
+"""The floor for ``bench/bench_relay.py``: a bare two-hop WebSocket relay.
 
-Nothing here belongs to anvil_nb; it is the least a WebSocket relay between a caller and a
-provider can do, so that anvil_nb's network path can be measured against it on the same
-machine:
+Nothing here belongs to anvil_nb. It is the least a relay of the uplink protocol's shape can
+do between callers and a worker, so that anvil_nb's network path can be measured against it on
+the same machine with the same callers (``bench/relay_peers.py callers``):
 
 * the **relay** (:func:`make_relay_app`): a tornado server with a caller route (``/caller``)
-  and a provider route (``/provider``). It parses each caller frame just enough (orjson) to
-  note which connection its ``id`` came from, forwards the frame as it is to the provider, and
-  forwards the provider's reply, as it is, to the caller connection that sent that ``id``;
-* the **provider** (:func:`run_provider`): one connection to ``/provider`` that answers each
-  request ``{"id": ..., "args": [x], ...}`` with ``{"id": ..., "response": x}`` on its I/O loop;
-* a **caller** (:class:`FloorCaller`): one connection to ``/caller`` with the same threading
-  model as anvil_nb's ``Client`` over ``WebSocketTransport``: an I/O thread of its own running
-  tornado, and a blocking :meth:`FloorCaller.call` from any thread that queues the frame to the
-  I/O loop and waits on a future.
+  and a worker route (``/worker``). A caller's first frame is its hello (``{"key", "v"}``),
+  which the relay answers itself with an ``auth`` message of the host's shape. After that the
+  relay parses each caller frame just enough (orjson) to note which connection its ``id`` came
+  from, forwards the frame as it is to the worker, and forwards the worker's reply, as it is,
+  to the caller connection that sent that ``id``;
+* the **worker** (:func:`run_worker`): one ``websockets`` connection to ``/worker`` that
+  answers each CALL ``{"id", "args": [a, b], ...}`` with ``{"id", "response": a + b,
+  "objects": []}`` (the frame anvil_nb's host sends back, byte for byte) on its event loop.
 
-Every WebSocket has TCP_NODELAY set, as anvil_nb's have. Request ids must be unique across
-callers (:class:`FloorCaller` prefixes them with its name): the relay does not rewrite them.
+Frames are JSON text frames both ways, and every socket has TCP_NODELAY set. Request ids must be
+unique across callers (the callers prefix them with their connection's number): the relay does
+not rewrite them.
 
 As subprocesses::
 
-    python bench/relay_floor.py serve --port 0          # prints "relay ready at ws://127.0.0.1:PORT"
-    python bench/relay_floor.py provider --url ws://127.0.0.1:PORT/provider
+    python bench/relay_floor.py serve --port 0    # prints "relay ready at ws://127.0.0.1:PORT"
+    python bench/relay_floor.py worker --url ws://127.0.0.1:PORT/worker
 
 Both print one line on stdout when ready and exit with status 0 on SIGTERM, on SIGINT, or when
 their stdin reaches end of file (so they never outlive a parent that gave them a pipe).
@@ -31,11 +31,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import concurrent.futures
 import contextlib
-import itertools
 import os
 import signal
+import socket
 import sys
 import threading
 from typing import Any
@@ -46,7 +45,20 @@ import tornado.netutil
 import tornado.web
 import tornado.websocket
 
-__all__ = ["FloorCaller", "make_relay_app", "run_provider", "run_relay"]
+__all__ = ["make_relay_app", "run_relay", "run_worker"]
+
+#: What the relay answers a caller's hello with: the shape of anvil_nb's (and Anvil's) ``auth``.
+AUTH = orjson.dumps(
+    {
+        "auth": "OK",
+        "priv": "client",
+        "app-info": {
+            "id": "floor",
+            "branch": "master",
+            "environment": {"description": "Notebook", "tags": []},
+        },
+    }
+).decode()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -55,15 +67,18 @@ __all__ = ["FloorCaller", "make_relay_app", "run_provider", "run_relay"]
 
 class _Relay:
     def __init__(self) -> None:
-        self.provider: ProviderHandler | None = None
+        self.worker: WorkerHandler | None = None
         self.pending: dict[Any, CallerHandler] = {}
 
 
 class CallerHandler(tornado.websocket.WebSocketHandler):
-    """``/caller``: forwards each request to the provider, remembering where it came from."""
+    """``/caller``: answers the hello, then forwards each request to the worker, remembering
+    which connection it came from.
+    """
 
     def initialize(self, relay: _Relay) -> None:
         self.relay = relay
+        self.greeted = False
 
     def open(self) -> None:
         self.set_nodelay(True)
@@ -72,13 +87,18 @@ class CallerHandler(tornado.websocket.WebSocketHandler):
         return True
 
     def on_message(self, message: str | bytes) -> None:
-        rid = orjson.loads(message)["id"]
-        provider = self.relay.provider
-        if provider is None:
-            self.write_message(orjson.dumps({"id": rid, "error": "no provider"}))
+        msg = orjson.loads(message)
+        if not self.greeted:  # the hello: {"key": ..., "v": ...}
+            self.greeted = True
+            self.write_message(AUTH)
+            return
+        rid = msg["id"]
+        worker = self.relay.worker
+        if worker is None:
+            self.write_message(orjson.dumps({"id": rid, "error": {"message": "no worker"}}))
             return
         self.relay.pending[rid] = self
-        provider.write_message(message, binary=isinstance(message, bytes))
+        worker.write_message(message, binary=isinstance(message, bytes))
 
     def on_close(self) -> None:
         pending = self.relay.pending
@@ -86,15 +106,15 @@ class CallerHandler(tornado.websocket.WebSocketHandler):
             del pending[rid]
 
 
-class ProviderHandler(tornado.websocket.WebSocketHandler):
-    """``/provider``: forwards each reply to the caller connection that sent its id."""
+class WorkerHandler(tornado.websocket.WebSocketHandler):
+    """``/worker``: forwards each reply to the caller connection that sent its id."""
 
     def initialize(self, relay: _Relay) -> None:
         self.relay = relay
 
     def open(self) -> None:
         self.set_nodelay(True)
-        self.relay.provider = self
+        self.relay.worker = self
 
     def check_origin(self, origin: str) -> bool:  # noqa: ARG002
         return True
@@ -106,17 +126,17 @@ class ProviderHandler(tornado.websocket.WebSocketHandler):
                 caller.write_message(message, binary=isinstance(message, bytes))
 
     def on_close(self) -> None:
-        if self.relay.provider is self:
-            self.relay.provider = None
+        if self.relay.worker is self:
+            self.relay.worker = None
 
 
 def make_relay_app() -> tornado.web.Application:
-    """The relay's tornado application (``/caller`` and ``/provider``)."""
+    """The relay's tornado application (``/caller`` and ``/worker``)."""
     relay = _Relay()
     return tornado.web.Application(
         [
             ("/caller", CallerHandler, {"relay": relay}),
-            ("/provider", ProviderHandler, {"relay": relay}),
+            ("/worker", WorkerHandler, {"relay": relay}),
         ]
     )
 
@@ -134,112 +154,39 @@ async def run_relay(port: int, stop: asyncio.Event, host: str = "127.0.0.1") -> 
 
 
 # ---------------------------------------------------------------------------------------------
-# The provider
+# The worker
 
 
-async def run_provider(url: str, stop: asyncio.Event) -> None:
-    """Answer every request on *url* with its first argument, until *stop* is set."""
-    ws = await tornado.websocket.websocket_connect(url)
-    ws.protocol.set_nodelay(True)  # type: ignore[union-attr]
-    print("provider ready", flush=True)
+def set_nodelay(ws: Any) -> None:
+    """TCP_NODELAY on a ``websockets`` connection's socket."""
+    sock = ws.transport.get_extra_info("socket")
+    if sock is not None:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+async def run_worker(url: str, stop: asyncio.Event) -> None:
+    """Answer every CALL on *url* with the sum of its two arguments, until *stop* is set."""
+    from websockets.asyncio.client import connect  # noqa: PLC0415 - only the worker needs it
+    from websockets.exceptions import ConnectionClosed  # noqa: PLC0415
+
+    ws = await connect(url, compression=None, ping_interval=None, max_size=None)
+    set_nodelay(ws)
+    print("worker ready", flush=True)
 
     async def answer() -> None:
-        while True:
-            frame = await ws.read_message()
-            if frame is None:
-                return
-            msg = orjson.loads(frame)
-            ws.write_message(orjson.dumps({"id": msg["id"], "response": msg["args"][0]}))
+        loads, dumps, recv, send = orjson.loads, orjson.dumps, ws.recv, ws.send
+        with contextlib.suppress(ConnectionClosed):
+            while True:
+                msg = loads(await recv(decode=False))  # a text frame, as bytes: no str made
+                a, b = msg["args"]
+                await send(dumps({"id": msg["id"], "response": a + b, "objects": []}), text=True)
 
     reader = asyncio.ensure_future(answer())
     stopped = asyncio.ensure_future(stop.wait())
     await asyncio.wait([reader, stopped], return_when=asyncio.FIRST_COMPLETED)
     for task in (reader, stopped):
         task.cancel()
-    ws.close()
-
-
-# ---------------------------------------------------------------------------------------------
-# A caller
-
-
-class FloorCaller:
-    """One caller connection to the relay's ``/caller`` URL, with an I/O thread of its own.
-
-    Parameters
-    ----------
-    url : str
-        e.g. ``ws://127.0.0.1:PORT/caller``.
-    name : str
-        Prefix of this caller's request ids (unique among the relay's callers).
-    timeout : float
-        Seconds a call may take before it raises ``TimeoutError``.
-    """
-
-    def __init__(self, url: str, name: str, timeout: float = 30.0):
-        self.timeout = timeout
-        self._prefix = name
-        self._ids = itertools.count(1)
-        self._pending: dict[str, concurrent.futures.Future[Any]] = {}
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._run, name=f"floor-{name}", daemon=True)
-        self._thread.start()
-        try:
-            self._ws = asyncio.run_coroutine_threadsafe(self._connect(url), self._loop).result(20)
-        except BaseException:
-            self._stop_loop()
-            raise
-        self._reader = asyncio.run_coroutine_threadsafe(self._read(), self._loop)
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self._loop)
-        try:
-            self._loop.run_forever()
-        finally:
-            self._loop.close()
-
-    @staticmethod
-    async def _connect(url: str) -> tornado.websocket.WebSocketClientConnection:
-        ws = await tornado.websocket.websocket_connect(url)
-        ws.protocol.set_nodelay(True)  # type: ignore[union-attr]
-        return ws
-
-    async def _read(self) -> None:
-        while True:
-            frame = await self._ws.read_message()
-            if frame is None:
-                break
-            msg = orjson.loads(frame)
-            future = self._pending.pop(msg["id"], None)
-            if future is not None:
-                future.set_result(msg)
-        pending, self._pending = self._pending, {}
-        for future in pending.values():
-            future.set_exception(ConnectionError("relay connection closed"))
-
-    def call(self, arg: Any) -> Any:
-        """Send ``{"id", "command": "echo", "args": [arg]}`` and return the provider's response."""
-        rid = f"{self._prefix}-{next(self._ids)}"
-        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
-        self._pending[rid] = future
-        data = orjson.dumps({"type": "CALL", "id": rid, "command": "echo", "args": [arg]})
-        self._loop.call_soon_threadsafe(self._ws.write_message, data)
-        msg = future.result(self.timeout)
-        if "error" in msg:
-            raise RuntimeError(msg["error"])
-        return msg["response"]
-
-    def close(self) -> None:
-        """Close the connection and stop the I/O thread."""
-        if self._thread.is_alive():
-            self._loop.call_soon_threadsafe(self._ws.close)
-            with contextlib.suppress(concurrent.futures.TimeoutError, ConnectionError):
-                self._reader.result(5)
-            self._stop_loop()
-
-    def _stop_loop(self) -> None:
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
+    await ws.close()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -268,7 +215,7 @@ async def _main(args: argparse.Namespace) -> None:
     if args.role == "serve":
         await run_relay(args.port, stop)
     else:
-        await run_provider(args.url, stop)
+        await run_worker(args.url, stop)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -276,8 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     roles = parser.add_subparsers(dest="role", required=True)
     serve = roles.add_parser("serve", help="run the relay on 127.0.0.1")
     serve.add_argument("--port", type=int, default=0, help="port (default 0: a free one)")
-    provider = roles.add_parser("provider", help="answer requests on the relay's /provider")
-    provider.add_argument("--url", required=True, help="ws://127.0.0.1:PORT/provider")
+    worker = roles.add_parser("worker", help="answer CALLs on the relay's /worker (websockets)")
+    worker.add_argument("--url", required=True, help="ws://127.0.0.1:PORT/worker")
     asyncio.run(_main(parser.parse_args(argv)))
     return 0
 
