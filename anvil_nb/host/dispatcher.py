@@ -602,7 +602,7 @@ class Host:
                 self.call_timeout, self._time_out, req
             )
         self._send(provider, out, media, data)
-        if self.events.active or ps.app.watchers:
+        if self._heard(ps.app, ps, provider):
             event = CallStarted(
                 time=time.time(),
                 call_id=rid,
@@ -778,7 +778,7 @@ class Host:
             if norm is not None and norm in req.caps_in:
                 passed[norm] = update
                 app = req.provider.app
-                if self.events.active or app.watchers:
+                if self._heard(app, req.caller, req.provider):
                     event = CapabilityUpdated(
                         time.time(), req.id, norm, update, direction="host", app=app.name
                     )
@@ -819,9 +819,8 @@ class Host:
             caller.calls.pop(req.caller_call_id, None)
             if error is not None:
                 self._fail(caller, req.caller_call_id, error)
-        app = req.provider.app
-        if not (self.events.active or app.watchers) or (
-            caller is None and error is None and out is None
+        if (caller is None and error is None and out is None) or not self._heard(
+            req.provider.app, caller, req.provider
         ):
             return
         if error is not None:
@@ -975,6 +974,14 @@ class Host:
     # -----------------------------------------------------------------------------------------
     # Events
 
+    def _heard(self, app: AppState, *parties: _PeerState | None) -> bool:
+        """Whether an event of *app* between *parties* has anyone to hear it (checked before
+        one is built: a kernel that serves every call of its app is told none of them).
+        """
+        if self.events.active:
+            return True
+        return any(w not in parties for w in app.watchers)
+
     def _publish(self, app: AppState, event: Event, *parties: _PeerState | None) -> None:
         """Put *event* on the host's stream: its subscribers now, and each watcher of *app*
         that was not a party to it at the end of this turn of the loop (batched).
@@ -1024,7 +1031,7 @@ class Host:
     ) -> None:
         """A session of *where* (an app, or the peer whose call changed it) changed."""
         app, party = (where, None) if isinstance(where, AppState) else (where.app, where)
-        if self.events.active or app.watchers:
+        if self._heard(app, party):
             provider = party.peer.name if party is not None else ""
             event = SessionChanged(
                 time.time(), session_id, reason, replaced_by=replaced_by, provider=provider,

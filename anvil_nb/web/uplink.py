@@ -98,8 +98,15 @@ class WebSocketPeer:
             log.debug("%s: message dropped, the connection is closed", self.name)
 
     def _write(self, data: bytes, binary: bool = False) -> None:
-        future = self._handler.write_message(data, binary=binary)
+        handler = self._handler
+        future = handler.write_message(data, binary=binary)
         size = len(data)
+        stream = handler.ws_connection.stream if handler.ws_connection else None
+        if stream is not None and not stream.writing():
+            # Handed to the kernel at once, the usual case: nothing waits in the host, so
+            # there is nothing to count (and no callback to run when tornado's task ends).
+            self.flushed_bytes += size
+            return
         self.unflushed += 1
         self.queued_bytes += size
         if self.unflushed >= MAX_UNFLUSHED_WRITES or self.over_bound():

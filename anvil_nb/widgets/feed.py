@@ -15,8 +15,23 @@ import threading
 from typing import Any
 
 from anvil_nb import runtime
-from anvil_nb.core.events import Event, EventBus, RegistrySnapshot
-from anvil_nb.widgets.models import CallLogModel, CapabilityModel, RegistryModel, SessionModel
+from anvil_nb.core.events import (
+    CallFinished,
+    CallStarted,
+    CapabilityUpdated,
+    Event,
+    EventBus,
+    RegistrationChanged,
+    RegistrySnapshot,
+    SessionChanged,
+)
+from anvil_nb.widgets.models import (
+    CallLogModel,
+    CapabilityModel,
+    Model,
+    RegistryModel,
+    SessionModel,
+)
 
 __all__ = ["Feed", "shared_feed"]
 
@@ -40,16 +55,23 @@ class Feed:
         self.sessions = SessionModel()
         self.capabilities = CapabilityModel()
         self.registry = RegistryModel()
-        self._models = (self.calls, self.sessions, self.capabilities, self.registry)
+        #: Which model takes each kind of event (the others would only ignore it).
+        self._models: dict[type[Event], Model] = {
+            CallStarted: self.calls,
+            CallFinished: self.calls,
+            SessionChanged: self.sessions,
+            CapabilityUpdated: self.capabilities,
+            RegistrationChanged: self.registry,
+        }
         self.unsubscribe = (bus or runtime.events).subscribe(self.apply)
 
     def apply(self, event: Event) -> None:
-        """Give an event to every model (called on whichever thread emitted it)."""
-        if isinstance(event, RegistrySnapshot):
-            self.registry.load(event.registrations)
-            return
-        for model in self._models:
+        """Give an event to the model it concerns (called on whichever thread emitted it)."""
+        model = self._models.get(type(event))
+        if model is not None:
             model.apply(event)
+        elif isinstance(event, RegistrySnapshot):
+            self.registry.load(event.registrations)
 
 
 _lock = threading.Lock()

@@ -80,6 +80,8 @@ _repr.maxlist = _repr.maxdict = _repr.maxtuple = _repr.maxset = 8
 _repr.maxlevel = 3
 
 MAX_REPR = 200
+#: Types whose repr is their own, short and safe: no need for reprlib's bounded walk.
+_PLAIN = frozenset({int, float, bool, type(None)})
 
 
 def short_repr(value: Any, limit: int = MAX_REPR) -> str:
@@ -87,6 +89,10 @@ def short_repr(value: Any, limit: int = MAX_REPR) -> str:
 
     Objects show their own ``__repr__``; those without one their class name and fields.
     """
+    if type(value) in _PLAIN:  # the common case, without reprlib's walk
+        text = repr(value)
+        if len(text) <= limit:
+            return text
     try:
         text = _repr.repr(value)
     except Exception as exc:  # a user's __repr__ must not break the view
