@@ -22,7 +22,7 @@ ALLOWED: dict[str, set[str]] = {
     "core": {"core"},
     "config": {"core"},
     "host": {"core", "config", "host"},
-    "client": {"core", "config", "client", "tornado"},
+    "client": {"core", "config", "client", "websockets"},
     "web": {"core", "config", "host", "web", "tornado"},
     "runtime": {"core", "config", "host", "client"},
     "media": {"core"},
@@ -47,7 +47,7 @@ ALLOWED: dict[str, set[str]] = {
 }
 #: Third-party packages that only some floors may load (everything else is the stdlib or
 #: a small pure library such as orjson).
-GUARDED = {"tornado", "jupyter_server", "IPython", "ipywidgets"}
+GUARDED = {"tornado", "websockets", "jupyter_server", "IPython", "ipywidgets"}
 
 
 def floor(module: Path) -> str:

@@ -1,7 +1,7 @@
 """The client side of the uplink WebSocket: anvil_nb's own uplink connection.
 
-:class:`WebSocketTransport` connects to a host's ``_/uplink`` with tornado on an I/O thread of
-its own, sends the key, and then carries messages both ways (media in 64 KiB chunks, each
+:class:`WebSocketTransport` connects to a host's ``_/uplink`` with the ``websockets`` library
+on an asyncio loop in an I/O thread of its own, sends the key, and then carries messages both ways (media in 64 KiB chunks, each
 chunk header right before its binary frame). ``send`` is safe from any thread: frames are
 queued to the I/O loop in order.
 
@@ -18,9 +18,11 @@ while more than ``max_queued_bytes`` wait (a provider answering faster than the 
 blocks until half of them are written or the connection ends, so a process never buffers
 without bound. The I/O thread itself never blocks.
 
-Cost per message: frames are handled as tornado parses them (a message callback, no queue of
-futures in between), and messages sent from other threads wait in one outbox that the I/O loop
-drains, so a burst of answers wakes the loop once, not once per answer.
+Cost per message: ``websockets`` parses frames with less work per frame than tornado's client
+(the hot path of a provider and of every caller), and messages sent from other threads wait in
+one outbox that the I/O loop drains in one task, so a burst of answers wakes the loop once, not
+once per answer. Proxies from the environment are not used (as before): a host is reached
+directly.
 """
 
 from __future__ import annotations
@@ -34,13 +36,13 @@ import threading
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import tornado.httpclient
-import tornado.websocket
+import websockets
+from websockets.asyncio.client import ClientConnection, connect
 
 from anvil_nb.core import protocol
 from anvil_nb.core.errors import ProtocolError
 from anvil_nb.core.logs import RateLimiter, clip
-from anvil_nb.core.transport import KEY_REFUSALS, MessageHandler, Transport, retrieve
+from anvil_nb.core.transport import KEY_REFUSALS, MessageHandler, Transport
 
 __all__ = ["FIRST_RETRY_DELAY", "MAX_RETRY_DELAY", "WebSocketTransport"]
 
@@ -50,16 +52,20 @@ log = logging.getLogger("anvil_nb.transport")
 FIRST_RETRY_DELAY = 1.0
 #: ... up to this many seconds.
 MAX_RETRY_DELAY = 10.0
+#: Seconds a closing connection waits for the host's answer to its close frame.
+CLOSE_TIMEOUT = 2.0
 
 _CONNECT_ERRORS = (
     OSError,
-    tornado.httpclient.HTTPClientError,
-    tornado.websocket.WebSocketError,
+    websockets.exceptions.InvalidHandshake,
+    websockets.exceptions.InvalidURI,
     asyncio.TimeoutError,
     concurrent.futures.TimeoutError,
 )
 
 _quiet = RateLimiter()
+
+_Item = tuple[bytes, Any, "Mapping[str, bytes] | None", int]
 
 
 class WebSocketTransport(Transport):
@@ -111,22 +117,18 @@ class WebSocketTransport(Transport):
         self.max_frame_bytes = max_frame_bytes
         #: The host's fatal error when it refused the key; no more reconnections then.
         self.refused: str | None = None
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._run, name="anvil_nb-uplink", daemon=True)
-        self._ws: tornado.websocket.WebSocketClientConnection | None = None
+        self._loop, self._thread = _io_loop()
+        self._ws: ClientConnection | None = None
         self._on_message: MessageHandler | None = None
         self._on_close: Callable[[str], None] | None = None
         self._closing = False
         self._delay = FIRST_RETRY_DELAY
-        self._reader: concurrent.futures.Future[None] | None = None
+        self._reader: asyncio.Task[None] | None = None
         #: Messages sent from other threads, in order, for the I/O loop to write (guarded by
-        #: ``_drained``); ``_flushing`` says a drain is already scheduled.
-        self._outbox: collections.deque[tuple[bytes, Any, Mapping[str, bytes] | None, int]] = (
-            collections.deque()
-        )
+        #: ``_drained``); ``_flushing`` says a writer task has them in hand.
+        self._outbox: collections.deque[_Item] = collections.deque()
         self._flushing = False
-        #: The frames of the current connection, as tornado parses them.
-        self._frames: _Frames | None = None
+        self._writer: asyncio.Task[None] | None = None
 
     @property
     def name(self) -> str:
@@ -148,26 +150,18 @@ class WebSocketTransport(Transport):
         """Whether the I/O thread still reads or reconnects (False once it gave up for good)."""
         return self._reader is not None and not self._reader.done()
 
-    def _run(self) -> None:
-        asyncio.set_event_loop(self._loop)
-        try:
-            self._loop.run_forever()
-        finally:
-            self._loop.close()
-
     # -- Transport ---------------------------------------------------------------------------
     def open(self, on_message: MessageHandler, on_close: Callable[[str], None]) -> None:
         """Connect (raising ``ConnectionError`` if the host cannot be reached) and start reading."""
         self._on_message, self._on_close = on_message, on_close
-        self._thread.start()
         future = asyncio.run_coroutine_threadsafe(self._connect(), self._loop)
         try:
             future.result(self.connect_timeout + 5)
         except _CONNECT_ERRORS as exc:
             future.cancel()
-            self._stop_loop()
+            self._closing = True
             raise ConnectionError(f"Could not connect to {self.url}: {exc}") from exc
-        self._reader = asyncio.run_coroutine_threadsafe(self._read_forever(), self._loop)
+        self._reader = asyncio.run_coroutine_threadsafe(self._start_reading(), self._loop).result(5)
 
     def send(self, msg: dict[str, Any], media: Mapping[str, bytes] | None = None) -> None:
         """Queue a message (and its media) for the I/O thread, in order.
@@ -187,15 +181,12 @@ class WebSocketTransport(Transport):
             self._queued += size
             self._outbox.append((data, msg.get("id"), media, size))
             if self._flushing:
-                return  # a drain is scheduled: it will write this too, in order
+                return  # the writer has the outbox in hand: it writes this too, in order
             self._flushing = True
         try:
-            self._loop.call_soon_threadsafe(self._flush)
+            self._loop.call_soon_threadsafe(self._start_writer)
         except RuntimeError:  # the loop was closed meanwhile: the transport is closed
-            with self._drained:
-                self._outbox.clear()
-                self._flushing = False
-            self._written(size)
+            self._drop_outbox()
             raise ConnectionError(f"not connected to {self.url}") from None
 
     def close(self) -> None:
@@ -203,73 +194,79 @@ class WebSocketTransport(Transport):
         if self._closing:
             return
         self._closing = True
-        if self._thread.is_alive():
+        done = asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop)
+        if threading.current_thread() is not self._thread:
             with contextlib.suppress(concurrent.futures.TimeoutError, RuntimeError):
-                asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop).result(10)
-            self._stop_loop()
+                done.result(10)
 
     # -- I/O thread --------------------------------------------------------------------------
     async def _connect(self) -> None:
-        request = tornado.httpclient.HTTPRequest(
+        ws = await connect(
             self.url,
-            headers=self.extra_headers,
-            connect_timeout=self.connect_timeout,
-            request_timeout=self.connect_timeout,
-        )
-        frames = _Frames(self)
-        ws = await tornado.websocket.websocket_connect(
-            request, max_message_size=self.max_frame_bytes, on_message_callback=frames.arrived
+            additional_headers=self.extra_headers,
+            open_timeout=self.connect_timeout,
+            max_size=self.max_frame_bytes,
+            compression=None,
+            proxy=None,
+            ping_interval=None,  # the host pings: its keep-alive finds a dead connection
+            close_timeout=CLOSE_TIMEOUT,
+            max_queue=None,  # the client reads as fast as frames come; it bounds what it sends
         )
         try:
-            ws.protocol.set_nodelay(True)  # type: ignore[union-attr] # small frames: never wait on Nagle
-            await ws.write_message(protocol.encode(self._hello))
+            await ws.send(protocol.encode(self._hello), text=True)
         except BaseException:
-            ws.close()
+            await _close(ws)
             raise
         if self._closing:
-            ws.close()
+            await _close(ws)
             raise ConnectionError("the transport was closed while connecting")
         self._ws = ws
-        self._frames = frames
 
-    def _flush(self) -> None:
-        """Write everything in the outbox (on the I/O thread)."""
-        with self._drained:
-            items = list(self._outbox)
-            self._outbox.clear()
-            self._flushing = False
-        for item in items:
-            self._write(*item)
+    async def _start_reading(self) -> asyncio.Task[None]:
+        return self._loop.create_task(self._read_forever())
 
-    def _write(
+    def _start_writer(self) -> None:
+        self._writer = self._loop.create_task(self._write_outbox())
+
+    async def _write_outbox(self) -> None:
+        """Write the outbox until it is empty (one task per burst of sends)."""
+        while True:
+            with self._drained:
+                if not self._outbox:
+                    self._flushing = False
+                    return
+                item = self._outbox.popleft()
+            await self._write(*item)
+
+    async def _write(
         self, data: bytes, request_id: Any, media: Mapping[str, bytes] | None, size: int
     ) -> None:
         ws = self._ws
-        if ws is None:
-            self._written(size)
-            return
         try:
-            last = ws.write_message(data)
-            if media:
-                for header, chunk in protocol.chunk_media(request_id, media):
-                    retrieve(ws.write_message(protocol.encode(header)))
-                    retrieve(last)
-                    last = ws.write_message(chunk, binary=True)
-        except tornado.websocket.WebSocketClosedError:
+            if ws is not None:
+                await ws.send(data, text=True)
+                if media:
+                    for header, chunk in protocol.chunk_media(request_id, media):
+                        await ws.send(protocol.encode(header), text=True)
+                        await ws.send(chunk)
+        except websockets.exceptions.ConnectionClosed:
             log.debug("write to %s dropped: connection closed", self.url)
+        finally:
             self._written(size)
-            return
-        if last.done():  # written straight to the socket: the usual case
-            retrieve(last)
-            self._written(size)
-        else:  # writes complete in order: the last one says the whole message is out
-            last.add_done_callback(lambda f: (retrieve(f), self._written(size)))
 
     def _written(self, size: int) -> None:
         with self._drained:
             self._queued -= size
             if self._queued <= self.max_queued_bytes // 2:
                 self._drained.notify_all()
+
+    def _drop_outbox(self) -> None:
+        with self._drained:
+            dropped = sum(item[3] for item in self._outbox)
+            self._outbox.clear()
+            self._flushing = False
+            self._queued -= dropped
+            self._drained.notify_all()
 
     async def _read_forever(self) -> None:
         """Read each connection until it ends, then connect again (see the module docstring)."""
@@ -281,7 +278,7 @@ class WebSocketTransport(Transport):
                 reason = f"internal error while reading: {type(exc).__name__}"
                 ws = self._ws
                 if ws is not None:
-                    ws.close()
+                    await _close(ws)
             self._ws = None
             with self._drained:
                 self._drained.notify_all()  # senders waiting on a full queue: it is gone
@@ -318,9 +315,25 @@ class WebSocketTransport(Transport):
             return
 
     async def _read_connection(self) -> str:
-        frames = self._frames
-        assert frames is not None, "a connection is up"
-        return await frames.start()
+        ws = self._ws
+        assert ws is not None, "a connection is up"
+        assembler = protocol.MediaAssembler()
+        try:
+            async for frame in ws:
+                try:
+                    done = self._take(frame, assembler)
+                except ProtocolError as exc:
+                    _quiet.warning(
+                        log, "bad-frame:" + self.url, "bad frame from %s: %s", self.url,
+                        clip(str(exc)),
+                    )  # fmt: skip
+                    await _close(ws, 1002, protocol.close_reason(str(exc)))
+                    return str(exc)
+                for msg, media in done:
+                    self._deliver(msg, media)
+        except websockets.exceptions.ConnectionClosed:
+            pass
+        return ws.close_reason or "connection closed"
 
     def _take(
         self, frame: str | bytes, assembler: protocol.MediaAssembler
@@ -348,68 +361,53 @@ class WebSocketTransport(Transport):
 
     async def _shutdown(self) -> None:
         ws, self._ws = self._ws, None
-        with self._drained:
-            self._drained.notify_all()
+        self._drop_outbox()
+        tasks = [t for t in (self._writer, self._reader) if t is not None and not t.done()]
+        for task in tasks:
+            task.cancel()
         if ws is not None:
-            ws.close()
-        if self._reader is not None:
-            self._reader.cancel()
+            await _close(ws)
         if ws is not None and self._on_close is not None:
             self._on_close("closed by client")
             self._on_close = None
-
-    def _stop_loop(self) -> None:
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        if threading.current_thread() is not self._thread:
-            self._thread.join(10)
+        for task in tasks:  # let them end before the loop stops
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
 
 
-class _Frames:
-    """The frames of one connection, handled as tornado parses them (its message callback).
+_io_lock = threading.Lock()
+_io: tuple[asyncio.AbstractEventLoop, threading.Thread] | None = None
 
-    Frames that arrive before the transport takes the connection (the host's ``auth`` can come
-    while the hello is still being written) wait, in order, until :meth:`start`. :meth:`start`
-    returns when the connection ends, with the reason.
+
+def _io_loop() -> tuple[asyncio.AbstractEventLoop, threading.Thread]:
+    """The I/O loop of this process's uplink connections, and its thread (started on first use).
+
+    One loop serves every connection: a process with many clients has one I/O thread, not one
+    per connection, so their frames are read in one pass and their writes share its wake-ups.
+    Nothing on it blocks: incoming calls go to each client's worker pool.
     """
-
-    def __init__(self, transport: WebSocketTransport):
-        self.transport = transport
-        self.assembler = protocol.MediaAssembler()
-        self.early: list[str | bytes | None] | None = []
-        self.ended: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-
-    def arrived(self, frame: str | bytes | None) -> None:
-        if self.early is not None:
-            self.early.append(frame)
-        elif not self.ended.done():
-            self._handle(frame)
-
-    async def start(self) -> str:
-        early, self.early = self.early or [], None
-        for frame in early:
-            if self.ended.done():
-                break
-            self._handle(frame)
-        return await self.ended
-
-    def _handle(self, frame: str | bytes | None) -> None:
-        t = self.transport
-        ws = t._ws
-        if frame is None:
-            reason = (ws.close_reason if ws is not None else None) or "connection closed"
-            if ws is not None:
-                ws.close()  # release it on our side too (tornado warns otherwise)
-            self.ended.set_result(reason)
-            return
-        try:
-            done = t._take(frame, self.assembler)
-        except ProtocolError as exc:
-            _quiet.warning(
-                log, "bad-frame:" + t.url, "bad frame from %s: %s", t.url, clip(str(exc))
+    global _io
+    with _io_lock:
+        if _io is None:
+            loop = asyncio.new_event_loop()
+            thread = threading.Thread(
+                target=_run_loop, args=(loop,), name="anvil_nb-uplink", daemon=True
             )
-            if ws is not None:
-                ws.close(1002, protocol.close_reason(str(exc)))
-            self.ended.set_result(str(exc))
-            return
-        for msg, media in done:
-            t._deliver(msg, media)
+            thread.start()
+            _io = (loop, thread)
+        return _io
+
+
+def _run_loop(loop: asyncio.AbstractEventLoop) -> None:
+    asyncio.set_event_loop(loop)
+    loop.run_forever()
+
+
+async def _close(ws: ClientConnection, code: int = 1000, reason: str = "") -> None:
+    """Close *ws*, at most :data:`CLOSE_TIMEOUT` seconds: a host that reads nothing (its
+    buffers full) cannot take the close frame, so then the connection is dropped.
+    """
+    try:
+        await asyncio.wait_for(ws.close(code, reason), CLOSE_TIMEOUT)
+    except (asyncio.TimeoutError, OSError):
+        ws.transport.abort()
