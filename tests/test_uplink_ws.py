@@ -73,6 +73,29 @@ def test_client_key_is_untrusted(raw):
     assert raw().hello(KEYS.client_key)["priv"] == "client"
 
 
+@pytest.mark.parametrize("entry_type", [60.0, 7, {"DataMedia": 1}, None, ["Long"], "DataMedia"])
+def test_an_objects_entry_of_any_type_fails_only_its_call(net, raw, entry_type):
+    """Found by the fuzzer: an entry whose ``type`` was a number ended the connection with an
+    internal error. Whatever the entry, the call fails alone and the connection serves on.
+    """
+    net.provider(ping=lambda: "pong")
+    ws = raw()
+    ws.hello(KEYS.client_key)
+    entry = {"type": entry_type, "id": "m1", "path": ["args", 0]}
+    ws.send({"type": "CALL", "id": "bad", "command": "ping", "args": [None], "kwargs": {},
+             "objects": [entry]})  # fmt: skip
+    if entry_type == "DataMedia":  # a media entry: its bytes never come, so the call waits
+        ws.send({"type": "CALL", "id": "ok", "command": "ping", "args": [], "kwargs": {},
+                 "objects": []})  # fmt: skip
+        assert ws.response("ok")["response"] == "pong"
+        return
+    assert ws.response("bad")["error"]["type"] == "anvil.server.SerializationError"
+    ws.send(
+        {"type": "CALL", "id": "ok", "command": "ping", "args": [], "kwargs": {}, "objects": []}
+    )
+    assert ws.response("ok")["response"] == "pong"
+
+
 def test_wrong_key_is_refused_with_annvils_message(raw):
     ws = raw()
     ws.send({"key": "nope", "v": 8})

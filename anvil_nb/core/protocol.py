@@ -356,11 +356,17 @@ def media_ids(msg: dict[str, Any]) -> list[str]:
     objects = msg.get("objects")
     if not objects or type(objects) is not list:
         return []
-    return [
-        o["id"]
-        for o in objects
-        if type(o) is dict and "DataMedia" in (o.get("type") or ()) and isinstance(o.get("id"), str)
-    ]
+    return [o["id"] for o in objects if _is_data_media(o) and isinstance(o.get("id"), str)]
+
+
+def _is_data_media(entry: Any) -> bool:
+    """Whether an ``objects`` entry is a DataMedia (its ``type`` a list of names, or a name);
+    anything else a peer puts there (numbers, dicts) is not.
+    """
+    if type(entry) is not dict:
+        return False
+    t = entry.get("type")
+    return t == "DataMedia" if type(t) is str else type(t) is list and "DataMedia" in t
 
 
 def chunk_media(
