@@ -38,6 +38,7 @@ from typing import Any
 
 import websockets
 from websockets.asyncio.client import ClientConnection, connect
+from websockets.protocol import State
 
 from anvil_nb.core import protocol
 from anvil_nb.core.errors import ProtocolError
@@ -54,6 +55,9 @@ FIRST_RETRY_DELAY = 1.0
 MAX_RETRY_DELAY = 10.0
 #: Seconds a closing connection waits for the host's answer to its close frame.
 CLOSE_TIMEOUT = 2.0
+#: Bytes waiting in a connection's write buffer past which writes wait for it to drain
+#: (``websockets``' own default high-water mark).
+WRITE_LIMIT = 32 * 1024
 
 _CONNECT_ERRORS = (
     OSError,
@@ -210,6 +214,7 @@ class WebSocketTransport(Transport):
             proxy=None,
             ping_interval=None,  # the host pings: its keep-alive finds a dead connection
             close_timeout=CLOSE_TIMEOUT,
+            write_limit=WRITE_LIMIT,
             max_queue=None,  # the client reads as fast as frames come; it bounds what it sends
         )
         try:
@@ -226,6 +231,26 @@ class WebSocketTransport(Transport):
         return self._loop.create_task(self._read_forever())
 
     def _start_writer(self) -> None:
+        """Write the outbox: at once while the connection takes it (the usual case: no task,
+        no waiting), the rest (media, or a connection whose buffer is full) in a task that
+        waits for the socket to drain.
+        """
+        ws = self._ws
+        while True:
+            with self._drained:
+                if not self._outbox:
+                    self._flushing = False
+                    return
+                data, _, media, size = self._outbox[0]
+                if media or not _takes_more(ws):
+                    break
+                self._outbox.popleft()
+            try:
+                ws.protocol.send_text(data)  # type: ignore[union-attr]
+                ws.send_data()  # type: ignore[union-attr]
+            except (websockets.exceptions.WebSocketException, OSError) as exc:
+                log.debug("write to %s dropped: %s", self.url, exc)
+            self._written(size)
         self._writer = self._loop.create_task(self._write_outbox())
 
     async def _write_outbox(self) -> None:
@@ -401,6 +426,15 @@ def _io_loop() -> tuple[asyncio.AbstractEventLoop, threading.Thread]:
 def _run_loop(loop: asyncio.AbstractEventLoop) -> None:
     asyncio.set_event_loop(loop)
     loop.run_forever()
+
+
+def _takes_more(ws: ClientConnection | None) -> bool:
+    """Whether *ws* is open and its write buffer below the limit (a write would not wait)."""
+    return (
+        ws is not None
+        and ws.protocol.state is State.OPEN
+        and ws.transport.get_write_buffer_size() < WRITE_LIMIT
+    )
 
 
 async def _close(ws: ClientConnection, code: int = 1000, reason: str = "") -> None:
