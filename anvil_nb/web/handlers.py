@@ -233,6 +233,7 @@ class EventStreaming(tornado.web.RequestHandler):
     def on_connection_close(self) -> None:  # noqa: D102 - the reader went away
         if self._subscription is not None:
             self._subscription.close()
+        super().on_connection_close()
 
 
 class AdminEventsHandler(EventStreaming, _Base):
