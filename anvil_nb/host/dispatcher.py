@@ -38,10 +38,9 @@ import logging
 import os
 import secrets
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from anvil_nb.config import DEFAULT_APP
 from anvil_nb.core import protocol
@@ -76,6 +75,7 @@ from anvil_nb.core.limits import DEFAULT_LIMITS, Limits
 from anvil_nb.core.logs import RateLimiter, clip
 from anvil_nb.host.registry import Registry
 from anvil_nb.host.sessions import SessionManager, SessionRecord, SQLiteSessionStore
+from anvil_nb.host.state import AppState, Media, Peer, PeerState, Request, parent_request
 
 __all__ = ["MAX_CALL_DEPTH", "AppState", "Host", "Peer"]
 
@@ -84,7 +84,6 @@ log = logging.getLogger("anvil_nb.host.dispatcher")
 #: Calls nested deeper than this fail with StackOverflow (as on Anvil).
 MAX_CALL_DEPTH = 10
 
-Media = Mapping[str, bytes]
 
 #: Events kept for one watcher between two pushes (one turn of the loop); more are dropped.
 _MAX_OUTBOX = 10_000
@@ -116,99 +115,6 @@ def load_secret(path: Path) -> bytes:
     with os.fdopen(fd, "wb") as f:
         f.write(secret)
     return secret
-
-
-class Peer(Protocol):
-    """What the host needs of a connection. Transports implement it."""
-
-    #: A short name for logs and events, e.g. ``"uplink-3"``, assigned by the host at attach
-    #: (unique among the host's peers).
-    name: str
-    #: The caller type of its frames: ``server_module``, ``uplink``, ``client_uplink``,
-    #: ``browser`` or ``http``.
-    kind: str
-    #: ``{"type", "ip", "location"}`` for the sessions it starts.
-    client: dict[str, Any]
-
-    @property
-    def queued_bytes(self) -> int:
-        """Bytes sent to the peer that it has not read yet (0 when the transport cannot tell)."""
-        ...
-
-    def send(self, data: bytes, media: Media | None = None, request_id: Any = None) -> None:
-        """Deliver one encoded message, then the bytes of its DataMedia (chunks carrying
-        *request_id*) to the peer; never blocks.
-        """
-
-    def close(self, reason: str) -> None:
-        """Close the connection after a fatal error (already sent)."""
-
-
-@dataclass(eq=False)
-class AppState:
-    """One app on the host (DESIGN.md, "Apps"): its registry, its sessions, and what its peers
-    are told of it. A peer belongs to one app, and calls stay inside it.
-    """
-
-    name: str
-    sessions: SessionManager
-    app_info: dict[str, Any]
-    registry: Registry[_PeerState] = field(default_factory=Registry)
-    #: Trusted anvil_nb peers that asked to be pushed the app's events (``watch_events``).
-    watchers: set[_PeerState] = field(default_factory=set)
-    #: The app's keys, shown to its trusted peers (``%anvil status``); set by the door that
-    #: knows them (the uplink route's key ring).
-    client_key: str | None = None
-    server_key: str | None = None
-
-
-@dataclass(eq=False)
-class _PeerState:
-    peer: Peer
-    trusted: bool
-    frame: dict[str, Any]
-    session_id: str
-    app: AppState
-    #: The portable classes an anvil_nb peer says it defines (``%anvil status``, admin pages).
-    classes: tuple[str, ...] = ()
-    #: Requests this peer is serving: host request id -> request.
-    served: dict[str, _Request] = field(default_factory=dict)
-    #: Calls this peer made that are still in flight: its call id -> request.
-    calls: dict[Any, _Request] = field(default_factory=dict)
-    #: A watcher's events not pushed yet (sent together at the end of the loop's turn).
-    outbox: list[dict[str, Any]] = field(default_factory=list)
-
-
-@dataclass(eq=False)
-class _Request:
-    id: str
-    command: str
-    caller: _PeerState | None
-    caller_call_id: Any
-    provider: _PeerState
-    session_id: str
-    #: The session's version when this request's copy of it went out; a returned copy is
-    #: stored only if the session is still at this version (optimistic concurrency).
-    session_version: int
-    nested: bool
-    caps_in: frozenset[str]
-    started: float
-    #: Whether the caller is trusted (what may come back to it).
-    trusted: bool
-    #: Frames newest first (the caller's on top) and the client of the session's chain.
-    stack: list[dict[str, Any]]
-    client: dict[str, Any]
-    timer: asyncio.TimerHandle | None = None
-    #: The request this one is nested in, when the caller is serving one.
-    parent: _Request | None = None
-    #: The caller sent its session along and takes the changed one back (anvil_nb clients).
-    adopts_session: bool = False
-
-
-def _parent(ps: _PeerState, msg: dict[str, Any]) -> _Request | None:
-    """The request *ps* is serving that this call is nested in (by its ``call-stack-id``)."""
-    stack_id = msg.get("call-stack-id")
-    return ps.served.get(stack_id) if type(stack_id) is str else None
 
 
 class Host:
@@ -263,7 +169,7 @@ class Host:
         #: The apps of this host, by name; ``default`` always exists.
         self.apps: dict[str, AppState] = {}
         self.apps[DEFAULT_APP] = self._new_app(DEFAULT_APP, sessions, app_info)
-        self._peers: dict[Peer, _PeerState] = {}
+        self._peers: dict[Peer, PeerState] = {}
         self._ids = itertools.count(1)
         self._peer_ids = itertools.count(1)
         self._prefix = secrets.token_hex(3)
@@ -273,7 +179,7 @@ class Host:
         self._late: dict[str, None] = {}
         self._quiet = RateLimiter(limits.log_interval)
         self._private: dict[
-            str, Callable[[_PeerState, dict[str, Any], SessionRecord | None], Any]
+            str, Callable[[PeerState, dict[str, Any], SessionRecord | None], Any]
         ] = {
             "anvil.private.echo": self._echo,
             "anvil.private.get_app_origin": lambda *_: self.origin,
@@ -324,7 +230,7 @@ class Host:
         return self.apps[DEFAULT_APP].sessions
 
     @property
-    def registry(self) -> Registry[_PeerState]:
+    def registry(self) -> Registry[PeerState]:
         """The registry of the app ``default``."""
         return self.apps[DEFAULT_APP].registry
 
@@ -356,7 +262,7 @@ class Host:
         state = self.app(app)
         record = state.sessions.new(client=dict(peer.client))
         frame = {"type": peer.kind, "protocol-version": protocol.PROTOCOL_VERSION}
-        ps = _PeerState(peer, trusted, frame, record.id, state)
+        ps = PeerState(peer, trusted, frame, record.id, state)
         self._peers[peer] = ps
         if greet:
             self._send(ps, protocol.auth(peer.kind if trusted else "client", state.app_info))
@@ -459,7 +365,7 @@ class Host:
         else:
             raise ProtocolError(f"unexpected message of kind {clip(kind)} from {peer.name}")
 
-    def _on_register(self, ps: _PeerState, msg: dict[str, Any]) -> None:
+    def _on_register(self, ps: PeerState, msg: dict[str, Any]) -> None:
         if not ps.trusted:
             self._fatal(ps, protocol.CLIENT_REGISTER)
             return
@@ -478,7 +384,7 @@ class Host:
         if added:
             self._emit_registration(name, ps, added=True)
 
-    def _fatal(self, ps: _PeerState, text: str) -> None:
+    def _fatal(self, ps: PeerState, text: str) -> None:
         self._quiet.warning(log, "fatal:" + text[:40], "%s: %s", ps.peer.name, clip(text))
         self._send(ps, protocol.fatal(text))
         ps.peer.close(text)
@@ -502,7 +408,7 @@ class Host:
 
     def _send(
         self,
-        ps: _PeerState,
+        ps: PeerState,
         msg: dict[str, Any],
         media: Media | None = None,
         data: bytes | None = None,
@@ -512,13 +418,13 @@ class Host:
             data = protocol.encode(msg)
         ps.peer.send(data, media, msg.get("id"))
 
-    def _over_queue(self, ps: _PeerState) -> bool:
+    def _over_queue(self, ps: PeerState) -> bool:
         return ps.peer.queued_bytes > self.limits.max_queued_bytes
 
     # -----------------------------------------------------------------------------------------
     # Calls
 
-    def _on_call(self, ps: _PeerState, msg: dict[str, Any], media: Media | None) -> None:
+    def _on_call(self, ps: PeerState, msg: dict[str, Any], media: Media | None) -> None:
         call_id = msg.get("id")
         if type(call_id) is not str and type(call_id) is not int:
             raise ProtocolError("a CALL needs a string 'id'")
@@ -529,14 +435,12 @@ class Host:
         except AnvilError as exc:
             self._fail(ps, call_id, exc)
 
-    def _route(
-        self, ps: _PeerState, call_id: Any, msg: dict[str, Any], media: Media | None
-    ) -> None:
+    def _route(self, ps: PeerState, call_id: Any, msg: dict[str, Any], media: Media | None) -> None:
         command, args, kwargs = self._call_fields(msg)
         if call_id in ps.calls:
             raise ProtocolError(f"call id {clip(call_id)} is already in use on this connection")
         self._admit(ps)
-        parent = _parent(ps, msg)
+        parent = parent_request(ps, msg)
         session_id, stack, client = self._place(ps, parent, command)
         handler = self._private.get(command)
         if handler is not None and command in _SESSIONLESS:  # keep-alives do not touch sessions
@@ -578,7 +482,7 @@ class Host:
         data = self._encode(
             out, f"call to {clip(command)!r}"
         )  # fails this call alone, nothing held
-        req = _Request(
+        req = Request(
             id=rid,
             command=command,
             caller=ps,
@@ -620,7 +524,7 @@ class Host:
 
     @staticmethod
     def _place(
-        ps: _PeerState, parent: _Request | None, command: str
+        ps: PeerState, parent: Request | None, command: str
     ) -> tuple[str, list[dict[str, Any]], dict[str, Any]]:
         """The session, call stack and client of a call (its parent's when it is nested)."""
         if parent is not None:
@@ -648,7 +552,7 @@ class Host:
             raise ProtocolError("a CALL's 'args' must be a list and its 'kwargs' a dict")
         return command, args, kwargs
 
-    def _admit(self, ps: _PeerState) -> None:
+    def _admit(self, ps: PeerState) -> None:
         """Refuse a new call from a connection that already costs as much as it may."""
         if len(ps.calls) >= self.limits.max_calls_in_flight:
             raise QuotaExceededError(
@@ -661,7 +565,7 @@ class Host:
                 f"{self.limits.max_queued_bytes:,} bytes are waiting for it"
             )
 
-    def _adopt_session(self, parent: _Request, record: SessionRecord, blob: dict[str, Any]) -> None:
+    def _adopt_session(self, parent: Request, record: SessionRecord, blob: dict[str, Any]) -> None:
         """A trusted caller serving *parent* sent its (maybe changed) copy of the session."""
         blob = self._session_blob(blob)
         if blob != record.data and record.version == parent.session_version:
@@ -674,9 +578,7 @@ class Host:
         objects = protocol.check_objects(blob.get("objects"), protocol.SESSION_ROOTS, "sessionData")
         return {"session": blob.get("session"), "objects": objects}
 
-    def _session_for(
-        self, ps: _PeerState, session_id: str, parent: _Request | None
-    ) -> SessionRecord:
+    def _session_for(self, ps: PeerState, session_id: str, parent: Request | None) -> SessionRecord:
         try:
             return ps.app.sessions.use(session_id)
         except SessionExpiredError:
@@ -688,7 +590,7 @@ class Host:
             self._emit_session(ps, session_id, "expired", fresh.id)
             raise
 
-    def _on_response(self, ps: _PeerState, msg: dict[str, Any], media: Media | None) -> None:
+    def _on_response(self, ps: PeerState, msg: dict[str, Any], media: Media | None) -> None:
         rid = msg["id"]
         req = ps.served.get(rid) if type(rid) is str else None
         if req is None:
@@ -714,7 +616,7 @@ class Host:
         if caller is not None:
             self._send(caller, out, media, data)
 
-    def _shed(self, caller: _PeerState) -> None:
+    def _shed(self, caller: PeerState) -> None:
         """Fail every call of a caller that is not reading its responses.
 
         Its queue is over the bound, so no answer may be added to it: each call it is waiting
@@ -729,7 +631,7 @@ class Host:
         for req in list(caller.calls.values()):
             self._release(req, error, late=True)
 
-    def _relayed_response(self, req: _Request, msg: dict[str, Any]) -> dict[str, Any]:
+    def _relayed_response(self, req: Request, msg: dict[str, Any]) -> dict[str, Any]:
         """What the caller of *req* is sent for the provider's answer *msg*."""
         if "error" in msg:
             return protocol.error_message(req.caller_call_id, protocol.wire_error(msg["error"]))
@@ -755,7 +657,7 @@ class Host:
             cap_updates=self._passed_updates(req, msg.get("capUpdates")),
         )
 
-    def _store_session(self, req: _Request, record: SessionRecord, data: dict[str, Any]) -> None:
+    def _store_session(self, req: Request, record: SessionRecord, data: dict[str, Any]) -> None:
         # Most calls leave the session as it was: write only what changed. A copy that went
         # out before the session last changed is stale and dropped, as the App Server does.
         if data == record.data:
@@ -768,7 +670,7 @@ class Host:
                 "%s: session changed during %s; its copy is dropped", req.id, clip(req.command)
             )
 
-    def _passed_updates(self, req: _Request, updates: Any) -> dict[str, Any] | None:
+    def _passed_updates(self, req: Request, updates: Any) -> dict[str, Any] | None:
         """The capability updates for capabilities the caller passed into this call."""
         if not updates or type(updates) is not dict or not req.caps_in:
             return None
@@ -785,7 +687,7 @@ class Host:
                     self._publish(app, event, req.caller, req.provider)
         return passed or None
 
-    def _time_out(self, req: _Request) -> None:
+    def _time_out(self, req: Request) -> None:
         req.timer = None
         if req.provider.served.get(req.id) is req:
             self._release(
@@ -794,7 +696,7 @@ class Host:
 
     def _release(
         self,
-        req: _Request,
+        req: Request,
         error: AnvilError | None = None,
         *,
         ok: bool = False,
@@ -832,7 +734,7 @@ class Host:
                 trace=err.get("trace") or (),
             )  # fmt: skip
 
-    def _fail(self, ps: _PeerState, call_id: Any, exc: AnvilError) -> None:
+    def _fail(self, ps: PeerState, call_id: Any, exc: AnvilError) -> None:
         error = error_to_wire(exc)
         error["trace"] = []  # the host's own frames mean nothing to the caller
         self._send(ps, protocol.error_message(call_id, error))
@@ -894,16 +796,16 @@ class Host:
     # -----------------------------------------------------------------------------------------
     # Private functions (anvil.private.*), answered by the host itself
 
-    def _echo(self, _ps: _PeerState, msg: dict[str, Any], _rec: SessionRecord | None) -> Any:
+    def _echo(self, _ps: PeerState, msg: dict[str, Any], _rec: SessionRecord | None) -> Any:
         args = msg.get("args") or [None]
         return args[0]
 
-    def _reset_session(self, ps: _PeerState, msg: dict[str, Any], rec: SessionRecord | None) -> str:
+    def _reset_session(self, ps: PeerState, msg: dict[str, Any], rec: SessionRecord | None) -> str:
         if rec is None:
             raise InternalError("There is no session to reset")
         sessions = ps.app.sessions
         fresh = sessions.new(client=rec.client, persistent=rec.persistent)
-        parent = _parent(ps, msg)
+        parent = parent_request(ps, msg)
         for state in self._peers.values():
             if state.app is not ps.app:
                 continue
@@ -920,9 +822,7 @@ class Host:
         self._emit_session(ps, rec.id, "reset", fresh.id)
         return fresh.id
 
-    def _watch_events(
-        self, ps: _PeerState, _msg: dict[str, Any], _rec: SessionRecord | None
-    ) -> Any:
+    def _watch_events(self, ps: PeerState, _msg: dict[str, Any], _rec: SessionRecord | None) -> Any:
         """Push this (trusted, anvil_nb) peer the events of its app it is not a party to, from
         now on; the answer is the app's state now and the name the host knows the peer by.
         """
@@ -932,7 +832,7 @@ class Host:
         return {**self.state(ps.app.name), "you": ps.peer.name}
 
     def _report_classes(
-        self, ps: _PeerState, msg: dict[str, Any], _rec: SessionRecord | None
+        self, ps: PeerState, msg: dict[str, Any], _rec: SessionRecord | None
     ) -> int:
         """A trusted anvil_nb peer says which portable classes it defines (shown, not used)."""
         if not ps.trusted:
@@ -948,7 +848,7 @@ class Host:
         state = self.app(app)
         return sorted({c for ps in self._peers.values() if ps.app is state for c in ps.classes})
 
-    def _host_state(self, ps: _PeerState, _msg: dict[str, Any], _rec: SessionRecord | None) -> Any:
+    def _host_state(self, ps: PeerState, _msg: dict[str, Any], _rec: SessionRecord | None) -> Any:
         if not ps.trusted:
             raise PermissionDenied("Only trusted code may read the host's state")
         return {
@@ -958,13 +858,13 @@ class Host:
         }
 
     def _capability_is_valid(
-        self, ps: _PeerState, msg: dict[str, Any], _rec: SessionRecord | None
+        self, ps: PeerState, msg: dict[str, Any], _rec: SessionRecord | None
     ) -> bool:
         """Whether a MAC holds for the caller's session now (False once it expired or reset)."""
         args = msg.get("args") or []
         if len(args) != 2 or type(args[0]) is not list:
             return False
-        parent = _parent(ps, msg)
+        parent = parent_request(ps, msg)
         sessions = ps.app.sessions
         rec = sessions.get(parent.session_id if parent is not None else ps.session_id)
         if rec is None or sessions.is_expired(rec):
@@ -974,7 +874,7 @@ class Host:
     # -----------------------------------------------------------------------------------------
     # Events
 
-    def _heard(self, app: AppState, *parties: _PeerState | None) -> bool:
+    def _heard(self, app: AppState, *parties: PeerState | None) -> bool:
         """Whether an event of *app* between *parties* has anyone to hear it (checked before
         one is built: a kernel that serves every call of its app is told none of them).
         """
@@ -982,7 +882,7 @@ class Host:
             return True
         return any(w not in parties for w in app.watchers)
 
-    def _publish(self, app: AppState, event: Event, *parties: _PeerState | None) -> None:
+    def _publish(self, app: AppState, event: Event, *parties: PeerState | None) -> None:
         """Put *event* on the host's stream: its subscribers now, and each watcher of *app*
         that was not a party to it at the end of this turn of the loop (batched).
         """
@@ -1004,7 +904,7 @@ class Host:
             if len(watcher.outbox) < _MAX_OUTBOX:
                 watcher.outbox.append(body)
 
-    def _push_events(self, watcher: _PeerState) -> None:
+    def _push_events(self, watcher: PeerState) -> None:
         events, watcher.outbox = watcher.outbox, []
         if not events or self._peers.get(watcher.peer) is not watcher:
             return
@@ -1016,7 +916,7 @@ class Host:
             return
         self._send(watcher, protocol.events(events))
 
-    def _emit_registration(self, name: str, ps: _PeerState, added: bool) -> None:
+    def _emit_registration(self, name: str, ps: PeerState, added: bool) -> None:
         if self.events.active or ps.app.watchers:
             event = RegistrationChanged(time.time(), name, ps.peer.name, added, app=ps.app.name)
             # A provider knows what it registered; it is told when the host withdraws a name.
@@ -1024,7 +924,7 @@ class Host:
 
     def _emit_session(
         self,
-        where: _PeerState | AppState,
+        where: PeerState | AppState,
         session_id: str,
         reason: str,
         replaced_by: str | None = None,
@@ -1041,8 +941,8 @@ class Host:
 
     def _emit_finished(
         self,
-        req: _Request,
-        caller: _PeerState | None,
+        req: Request,
+        caller: PeerState | None,
         ok: bool,
         error: str | None = None,
         message: str | None = None,
