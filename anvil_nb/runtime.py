@@ -72,9 +72,14 @@ class Connection:
     client_key: str | None = None
     #: Made by a kernel (``%load_ext``, ``%anvil connect``), not by a script.
     by_kernel: bool = False
-    #: Once watching: the name the host knows this connection by, and the app's state then.
-    peer_name: str | None = None
+    #: Once watching: the app's state then (``registrations``, ``you``...).
     watched: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def peer_name(self) -> str | None:
+        """The name the host knows this connection by (once it watches the app's events)."""
+        you = self.watched.get("you")
+        return you if isinstance(you, str) else None
 
 
 #: The process's bus (see the module docstring).
@@ -172,7 +177,6 @@ def watch(conn: Connection | None = None) -> dict[str, Any] | None:
         return None
     if isinstance(state, dict):
         conn.watched = state
-        conn.peer_name = state.get("you")
         return state
     return None
 

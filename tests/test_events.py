@@ -8,6 +8,7 @@ runs a real host (on a loop thread, or ``anvil-nb serve``) with real clients.
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import json
 import socket
@@ -402,3 +403,24 @@ def test_the_events_of_one_turn_reach_a_watcher_as_one_message(host_thread: Host
     finally:
         host_thread.run(host.detach, provider)
         watcher.close()
+
+
+def test_a_reader_that_does_not_keep_up_loses_the_oldest_events_and_is_told():
+    """What one ``_/admin/events`` reader can hold is bounded in events and in bytes."""
+    from anvil_nb.web import handlers
+
+    async def run() -> tuple[str, int]:
+        sub = handlers._Subscription(app=None)
+        big = "x" * (1024 * 1024)
+        for i in range(20):  # 20 MiB of updates: more than the byte bound
+            sub(CapabilityUpdated(float(i), f"c{i}", "scope", big, direction="host", app="a"))
+        held = sub.size
+        return sub.take(), held
+
+    text, held = asyncio.run(run())
+    assert held <= handlers.EVENTS_BACKLOG_BYTES
+    first, *rest = text.split("\n\n")
+    dropped = json.loads(first.split("data: ", 1)[1])["dropped"]
+    kept = [json.loads(part[6:]) for part in rest if part.startswith("data: ")]
+    assert dropped + len(kept) == 20 and dropped >= 12
+    assert [e["call_id"] for e in kept] == [f"c{i}" for i in range(dropped, 20)]  # the newest

@@ -880,7 +880,7 @@ class Host:
         """
         if self.events.active:
             return True
-        return any(w not in parties for w in app.watchers)
+        return bool(app.watchers) and any(w not in parties for w in app.watchers)
 
     def _publish(self, app: AppState, event: Event, *parties: PeerState | None) -> None:
         """Put *event* on the host's stream: its subscribers now, and each watcher of *app*

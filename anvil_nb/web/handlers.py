@@ -23,6 +23,7 @@ from anvil_nb.host.dispatcher import Host
 
 __all__ = [
     "EVENTS_BACKLOG",
+    "EVENTS_BACKLOG_BYTES",
     "EVENTS_KEEPALIVE",
     "AdminAppsHandler",
     "AdminEventsHandler",
@@ -39,6 +40,8 @@ __all__ = [
 #: Events kept for one ``_/admin/events`` reader that has not taken them yet; older ones are
 #: dropped (and the reader is told how many).
 EVENTS_BACKLOG = 10_000
+#: ... and at most this many bytes of them (a capability update can be large).
+EVENTS_BACKLOG_BYTES = 8 * 1024 * 1024
 #: Seconds between two keep-alive comments on a quiet event stream.
 EVENTS_KEEPALIVE = 15.0
 
@@ -163,11 +166,14 @@ class AdminStateHandler(_Base):
 
 
 class _Subscription:
-    """One reader of the host's stream: a bounded backlog, and a wake-up for the writer."""
+    """One reader of the host's stream: a backlog bounded in events and in bytes (each event is
+    encoded once, as it happens), and a wake-up for the writer.
+    """
 
     def __init__(self, app: str | None):
         self.app = app
-        self.backlog: collections.deque[dict[str, Any]] = collections.deque(maxlen=EVENTS_BACKLOG)
+        self.backlog: collections.deque[str] = collections.deque()
+        self.size = 0
         self.dropped = 0
         self.closed = False
         self.ready = asyncio.Event()
@@ -175,9 +181,14 @@ class _Subscription:
     def __call__(self, event: Event) -> None:
         if self.app is not None and event.app != self.app:
             return
-        if len(self.backlog) == self.backlog.maxlen:
+        line = f"data: {orjson.dumps(to_wire(event)).decode()}\n\n"
+        self.backlog.append(line)
+        self.size += len(line)
+        while self.backlog and (
+            len(self.backlog) > EVENTS_BACKLOG or self.size > EVENTS_BACKLOG_BYTES
+        ):  # a reader that does not keep up loses the oldest events, and is told how many
+            self.size -= len(self.backlog.popleft())
             self.dropped += 1
-        self.backlog.append(to_wire(event))
         self.ready.set()
 
     def close(self) -> None:
@@ -192,8 +203,9 @@ class _Subscription:
                 f"event: dropped\ndata: {orjson.dumps({'dropped': self.dropped}).decode()}\n\n"
             )
             self.dropped = 0
-        while self.backlog:
-            parts.append(f"data: {orjson.dumps(self.backlog.popleft()).decode()}\n\n")
+        parts.extend(self.backlog)
+        self.backlog.clear()
+        self.size = 0
         self.ready.clear()
         return "".join(parts)
 
