@@ -1,4 +1,5 @@
-"""``anvil-nb serve`` and ``anvil-nb keys``: the standalone host, and the keys of its apps.
+"""``anvil-nb serve``, ``anvil-nb keys`` and ``anvil-nb users``: the standalone host, the keys
+of its apps, and their users.
 
 ``anvil-nb serve`` serves every app whose keys are kept in the data dir (DESIGN.md, "Apps"):
 the uplink key a script connects with selects its app, so two apps may both define ``greet``.
@@ -13,6 +14,13 @@ stored there (readable by the owner only), so scripts keep working across restar
 keys are printed on stderr. Once it accepts connections it prints one line on stdout::
 
     anvil_nb host ready at http://127.0.0.1:3030/ (uplink ws://127.0.0.1:3030/_/uplink)
+
+``anvil-nb users add EMAIL --password-stdin`` signs a user up (the password is standard input
+without its one trailing newline: it never appears on a command line), ``anvil-nb users list``
+shows an app's users (never a hash), ``anvil-nb users disable EMAIL`` and ``enable EMAIL``
+turn an account off and on; each takes ``--app`` and ``--data-dir``, and works on the app's
+database (``app.sqlite3`` in the app's folder) whether or not a host is running. A failure
+prints ``anvil-nb users: <message>`` on stderr and exits with status 1 (2 for a usage error).
 
 SIGINT or SIGTERM stop it: calls in flight fail with ``RuntimeUnavailableError``, connections
 close, and it exits with status 0.
@@ -30,20 +38,24 @@ import argparse
 import asyncio
 import contextlib
 import ctypes
+import datetime
 import json
 import logging
 import platform
 import signal
+import sqlite3
 import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from anvil_nb.config import DEFAULT_APP, KeyRing, app_name, default_data_dir
+from anvil_nb.config import DEFAULT_APP, KeyRing, app_database, app_name, default_data_dir
+from anvil_nb.core.errors import AnvilError
 from anvil_nb.core.limits import DEFAULT_LIMITS, Limits
+from anvil_nb.host.users import NoSuchUser, SQLiteUserStore, UserRecord, Users
 from anvil_nb.web.service import HostService
 
-__all__ = ["main", "serve"]
+__all__ = ["main", "serve", "users_command"]
 
 log = logging.getLogger("anvil_nb.cli")
 
@@ -188,6 +200,118 @@ def print_keys(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------------
+# anvil-nb users
+
+
+class _UsageError(Exception):
+    """A users command given wrongly (exit status 2)."""
+
+
+def _database(args: argparse.Namespace) -> Path:
+    """The database of ``--app`` in ``--data-dir``."""
+    data_dir = Path(args.data_dir) if args.data_dir else default_data_dir()
+    return app_database(data_dir, app_name(args.app))
+
+
+def _read_password(args: argparse.Namespace) -> str:
+    r"""Standard input without its one trailing newline (``\n`` or ``\r\n``)."""
+    if not args.password_stdin:
+        raise _UsageError(
+            "users add needs --password-stdin: the password is read from standard input "
+            "(never from the command line), e.g. printf '%s' \"$PASSWORD\" | anvil-nb users "
+            "add EMAIL --password-stdin"
+        )
+    raw = sys.stdin.buffer.read()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValueError("the password on standard input is not UTF-8 text") from None
+    return text.removesuffix("\n").removesuffix("\r") if text.endswith("\n") else text
+
+
+def _when(t: float | None) -> str:
+    if t is None:
+        return "never"
+    return datetime.datetime.fromtimestamp(t, datetime.timezone.utc).strftime(
+        "%Y-%m-%d %H:%M:%S UTC"
+    )
+
+
+def _print_users(records: list[UserRecord], as_json: bool) -> None:
+    if as_json:
+        fields = ("email", "id", "enabled", "signed_up", "last_login", "n_password_failures")
+        print(json.dumps([{f: getattr(r, f) for f in fields} for r in records]))
+        return
+    rows = [("EMAIL", "ID", "ENABLED", "SIGNED UP", "LAST LOGIN")]
+    rows += [
+        (r.email, r.id, "yes" if r.enabled else "no", _when(r.signed_up), _when(r.last_login))
+        for r in records
+    ]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+
+
+def _users_action(args: argparse.Namespace) -> int:
+    path = _database(args)
+    password = _read_password(args) if args.action == "add" else None
+    if args.action != "add" and not path.exists():  # no database is made for a look
+        if args.action != "list":
+            raise NoSuchUser(f"app {app_name(args.app)} has no users")
+        _print_users([], args.json)
+        return 0
+    store = SQLiteUserStore(path)
+    try:
+        users = Users(store)
+        if password is not None:
+            record = users.signup(args.email, password)
+            print(f"added {record.email} (id {record.id}) to app {app_name(args.app)}")
+        elif args.action == "list":
+            _print_users(users.list(), args.json)
+        else:
+            record = users.set_enabled(args.email, args.action == "enable")
+            print(f"{args.action}d {record.email}")
+    finally:
+        store.close()
+    return 0
+
+
+def users_command(args: argparse.Namespace) -> int:
+    """``anvil-nb users``: add, list, disable or enable an app's users."""
+    try:
+        return _users_action(args)
+    except _UsageError as exc:
+        print(f"anvil-nb users: {exc}", file=sys.stderr)
+        return 2
+    except (AnvilError, LookupError, ValueError, OSError, sqlite3.Error) as exc:
+        print(f"anvil-nb users: {exc}", file=sys.stderr)
+        return 1
+
+
+def _add_users_parser(commands: Any) -> None:
+    u = commands.add_parser("users", help="add, list, disable or enable an app's users")
+    actions = u.add_subparsers(dest="action", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--app", default=DEFAULT_APP, help=f"the app (default {DEFAULT_APP})")
+    common.add_argument(
+        "--data-dir", help=f"where apps and their users are kept (default {default_data_dir()})"
+    )
+    add = actions.add_parser(
+        "add", parents=[common], help="sign a user up; the password is read from stdin"
+    )
+    add.add_argument("email")
+    add.add_argument(
+        "--password-stdin",
+        action="store_true",
+        help="read the password from standard input (required; one trailing newline is dropped)",
+    )
+    lst = actions.add_parser("list", parents=[common], help="list the users (never a hash)")
+    lst.add_argument("--json", action="store_true", help="print one JSON list")
+    for action, text in (("disable", "stop a user logging in"), ("enable", "let a user log in")):
+        actions.add_parser(action, parents=[common], help=text).add_argument("email")
+
+
 def main(argv: list[str] | None = None) -> int:
     """The ``anvil-nb`` command line."""
     parser = argparse.ArgumentParser(
@@ -233,9 +357,12 @@ def main(argv: list[str] | None = None) -> int:
         "--data-dir", help=f"where apps and their keys are kept (default {default_data_dir()})"
     )
     k.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_users_parser(commands)
     args = parser.parse_args(argv)
     if args.command == "keys":
         return print_keys(args)
+    if args.command == "users":
+        return users_command(args)
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s"
     )

@@ -14,7 +14,10 @@ dir it keeps them there, readable by the owner only:
 * ``default``: ``DATA_DIR/keys.json`` (where anvil_nb has always kept the host's keys);
 * any other app: ``DATA_DIR/apps/<name>/keys.json``, created on first use.
 
-Without a data dir (the embedded host) keys live in memory. No I/O beyond those files.
+Without a data dir (the embedded host) keys live in memory. That folder of an app
+(:func:`app_folder`) also holds its one SQLite file, :func:`app_database` (``app.sqlite3``:
+its cookie sessions, its users, later its task records). No I/O beyond those files (and the
+one-time rename of an older ``sessions.sqlite3`` to ``app.sqlite3``).
 """
 
 from __future__ import annotations
@@ -39,6 +42,8 @@ __all__ = [
     "ENV_URL",
     "KeyRing",
     "Keys",
+    "app_database",
+    "app_folder",
     "app_name",
     "default_data_dir",
 ]
@@ -81,6 +86,55 @@ def app_name(text: str) -> str:
     if not name:
         raise ValueError(f"{text!r} does not name an app (letters or digits are needed)")
     return name
+
+
+def app_folder(data_dir: Path, app: str) -> Path:
+    """The folder *app*'s files are kept in: ``default`` in *data_dir* itself (where anvil_nb
+    has always kept the host's files), any other app in ``data_dir/apps/<app>``.
+
+    Raises
+    ------
+    ValueError
+        *app* is not one path component (empty, ``.``, ``..``, or with a path separator);
+        names made by :func:`app_name` never are.
+    """
+    if app in ("", ".", "..") or "/" in app or "\\" in app or "\0" in app:
+        raise ValueError(f"{app!r} is not an app name (see anvil_nb.config.app_name)")
+    data_dir = Path(data_dir)
+    return data_dir if app == DEFAULT_APP else data_dir / "apps" / app
+
+
+#: The file name of an app's database before it held more than sessions.
+_OLD_DATABASE = "sessions.sqlite3"
+_DATABASE = "app.sqlite3"
+
+
+def app_database(data_dir: Path, app: str) -> Path:
+    """*app*'s one SQLite file, ``app_folder(data_dir, app) / "app.sqlite3"``: its cookie
+    sessions, its users and (later) its task records, each store owning its own tables.
+
+    A folder written by an earlier anvil_nb keeps its sessions in ``sessions.sqlite3``: when
+    there is such a file and no ``app.sqlite3``, it is renamed (with its ``-wal`` and ``-shm``
+    files) so that nothing stored is lost. Nothing else is created: the stores make the file.
+
+    Raises
+    ------
+    ValueError
+        *app* is not an app name (see :func:`app_folder`).
+    """
+    folder = app_folder(data_dir, app)
+    path = folder / _DATABASE
+    old = folder / _OLD_DATABASE
+    if old.exists() and not path.exists():
+        # The companions first, the main file last: the -wal file may hold committed
+        # transactions not yet copied into the main file, so it must never be left behind. A
+        # rename cut short is finished by the next call (the old main file is still there).
+        for suffix in ("-wal", "-shm"):
+            companion = folder / (_OLD_DATABASE + suffix)
+            if companion.exists():
+                os.replace(companion, folder / (_DATABASE + suffix))
+        os.replace(old, path)
+    return path
 
 
 @dataclass(frozen=True)
@@ -196,9 +250,7 @@ class KeyRing:
         """The file *app*'s keys are kept in (``None`` in memory)."""
         if self.data_dir is None:
             return None
-        if app == DEFAULT_APP:
-            return self.data_dir / "keys.json"
-        return self.data_dir / "apps" / app / "keys.json"
+        return app_folder(self.data_dir, app) / "keys.json"
 
     def _load(self, app: str) -> Keys | None:
         path = self.path(app)

@@ -57,7 +57,7 @@ OWN_CLASSES = sorted(
     for name in errors.__all__
     if isinstance(getattr(errors, name), type)
     and issubclass(getattr(errors, name), AnvilError)
-    and getattr(errors, name).wire_type
+    and (getattr(errors, name).wire_type or "").startswith("anvil.server.")
 )
 
 THIS_FILE = __file__.replace("\\", "/")

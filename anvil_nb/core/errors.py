@@ -7,6 +7,10 @@ Every exception anvil_nb raises on its own account derives from one root, so a u
     ├── AnvilWrappedError          a remote error whose type has no class of its own here
     │   ├── NoServerFunctionError
     │   ├── CookieError
+    │   ├── UserExists                 the anvil.users classes (see below)
+    │   ├── PasswordNotAcceptable
+    │   ├── AuthenticationFailed
+    │   │   └── EmailNotConfirmed, AccountIsNotEnabled, TooManyPasswordFailures
     │   └── ValueError, OSError, ... a remote built-in error (also that built-in type)
     ├── AppOfflineError
     ├── BackgroundTaskError, BackgroundTaskKilled, BackgroundTaskNotFound, NotRunningTask
@@ -19,7 +23,9 @@ Every exception anvil_nb raises on its own account derives from one root, so a u
 
 On the wire an error is ``{"type", "message", "trace"}`` (PROTOCOL.md §3). anvil_nb's own
 classes travel as ``anvil.server.<Name>`` so the real ``anvil-uplink`` client raises its own
-class of that name; other exceptions travel under their bare class name, as the real client
+class of that name; the users classes, which mirror the real client's ``anvil.users``
+exceptions (hierarchy included: all are wrapped errors there), travel as
+``anvil.users.<Name>``; other exceptions travel under their bare class name, as the real client
 sends them. On receipt, :func:`error_from_wire` rebuilds
 
 * anvil_nb's own classes and types registered with :func:`register_exception_type` as
@@ -45,19 +51,23 @@ from types import TracebackType
 from typing import Any, TypedDict
 
 __all__ = [
+    "AccountIsNotEnabled",
     "AnvilError",
     "AnvilWrappedError",
     "AppOfflineError",
+    "AuthenticationFailed",
     "BackgroundTaskError",
     "BackgroundTaskKilled",
     "BackgroundTaskNotFound",
     "CookieError",
+    "EmailNotConfirmed",
     "ExecutionTerminatedError",
     "InternalError",
     "InvalidObjectError",
     "InvalidResponseError",
     "NoServerFunctionError",
     "NotRunningTask",
+    "PasswordNotAcceptable",
     "PermissionDenied",
     "ProtocolError",
     "QuotaExceededError",
@@ -67,7 +77,9 @@ __all__ = [
     "SessionExpiredError",
     "StackOverflow",
     "TimeoutError",
+    "TooManyPasswordFailures",
     "UplinkDisconnectedError",
+    "UserExists",
     "error_from_wire",
     "error_to_wire",
     "register_exception_type",
@@ -248,6 +260,45 @@ class UplinkDisconnectedError(AnvilError):
     """The connection that was serving the call went away."""
 
     wire_type = "anvil.server.UplinkDisconnectedError"
+
+
+# The exceptions of anvil.users, as the real client defines them (every one a wrapped error
+# there, the login failures under AuthenticationFailed). Their wire names are
+# "anvil.users.<Name>": the real client maps those to its classes.
+class UserExists(AnvilWrappedError):
+    """A user with that email address already exists."""
+
+    wire_type = "anvil.users.UserExists"
+
+
+class AuthenticationFailed(AnvilWrappedError):
+    """A login failed: the email address or the password is wrong (or see the subclasses)."""
+
+    wire_type = "anvil.users.AuthenticationFailed"
+
+
+class EmailNotConfirmed(AuthenticationFailed):
+    """The account's email address has not been confirmed yet."""
+
+    wire_type = "anvil.users.EmailNotConfirmed"
+
+
+class AccountIsNotEnabled(AuthenticationFailed):
+    """The account exists but has been disabled."""
+
+    wire_type = "anvil.users.AccountIsNotEnabled"
+
+
+class TooManyPasswordFailures(AuthenticationFailed):
+    """Too many wrong passwords in a row: the account refuses logins for a while."""
+
+    wire_type = "anvil.users.TooManyPasswordFailures"
+
+
+class PasswordNotAcceptable(AnvilWrappedError):
+    """A sign-up or a new password was refused (too short, or an invalid email address)."""
+
+    wire_type = "anvil.users.PasswordNotAcceptable"
 
 
 # ---------------------------------------------------------------------------------------------
