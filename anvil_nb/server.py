@@ -26,6 +26,7 @@ from typing import Any, TypeVar, overload
 from anvil_nb import runtime
 from anvil_nb.client import capture
 from anvil_nb.client.client import Client, current_call, functions, reset_current_session
+from anvil_nb.client.endpoints import HttpRequest, HttpResponse, make_endpoint, request
 from anvil_nb.core.capability import Capability, unwrap_capability
 from anvil_nb.core.context import CallContext, ClientInfo, Location, StackFrame
 from anvil_nb.core.errors import (
@@ -95,6 +96,7 @@ __all__ = [
     "portable_class",
     "request",
     "reset_session",
+    "route",
     "session",
     "task_state",
     "unwrap_capability",
@@ -157,6 +159,7 @@ def _client() -> Client:
 
 def _register(name: str, fn: Callable[..., Any], require_user: Any) -> None:
     functions.register(name, fn, require_user)
+    _mark(fn, name)
 
 
 def call(fn_name: str, *args: Any, **kwargs: Any) -> Any:
@@ -344,15 +347,10 @@ session: MutableMapping[str, Any] = _SessionProxy()
 
 
 def __getattr__(name: str) -> Any:
-    # ``server.context`` and ``server.request`` depend on the call being served.
+    # ``server.context`` depends on the call being served.
     if name == "context":
         state = current_call()
         return state.context if state is not None else _default_context()
-    if name == "request":
-        raise NotImplementedError(
-            "server.request is only available in HTTP endpoint calls, which "
-            "this version of anvil_nb does not serve yet"
-        )
     raise AttributeError(f"module 'anvil_nb.server' has no attribute {name!r}")
 
 
@@ -403,40 +401,6 @@ no_loading_indicator = _NoLoadingIndicator()
 # HTTP
 
 
-class HttpRequest:
-    """The HTTP request an endpoint is serving (``server.request``)."""
-
-    def __init__(self, **fields: Any):
-        self.path: str = fields.get("path", "")
-        self.method: str = fields.get("method", "GET")
-        self.query_params: dict[str, Any] = fields.get("query_params", {})
-        self.form_params: dict[str, Any] = fields.get("form_params", {})
-        self.origin: str | None = fields.get("origin")
-        self.headers: dict[str, str] = fields.get("headers", {})
-        self.remote_address: str | None = fields.get("remote_address")
-        self.body: Any = fields.get("body")
-        self.username: str | None = fields.get("username")
-        self.password: str | None = fields.get("password")
-
-    @property
-    def body_json(self) -> Any:
-        """The body parsed as JSON, or ``None``."""
-        import json  # noqa: PLC0415
-
-        if self.body is None:
-            return None
-        return json.loads(self.body.get_bytes())
-
-
-class HttpResponse:
-    """A response an HTTP endpoint returns: status, body and headers."""
-
-    def __init__(self, status: int = 200, body: Any = "", headers: dict[str, str] | None = None):
-        self.status = status
-        self.body = body
-        self.headers: dict[str, str] = dict(headers or {})
-
-
 @portable_class("anvil.server._LoadAppResponse")  # never change: the Anvil client knows this name
 class FormResponse:
     """Open a form as a new page, from a ``route``: ``FormResponse("Form1", *args, **kwargs)``."""
@@ -451,9 +415,66 @@ def _later(feature: str) -> NotImplementedError:
     return NotImplementedError(f"{feature} is not available yet in this version of anvil_nb")
 
 
-def http_endpoint(path: str, **options: Any) -> Callable[[F], F]:
-    """Serve a function as an HTTP endpoint under ``/_/api/<path>``."""
-    raise _later("@server.http_endpoint (HTTP endpoints)")
+def http_endpoint(
+    path: str,
+    methods: list[str] | None = None,
+    authenticate_users: bool = False,
+    require_credentials: bool = False,
+    cross_site_session: bool = False,
+    enable_cors: bool | str = False,
+    *,
+    require_user: Any = None,
+) -> Callable[[F], F]:
+    """Serve a function as an HTTP endpoint at ``{app origin}/_/api{path}``.
+
+    ``:name`` segments of *path* (``"/books/:id"``) are passed as keyword arguments, as are the
+    query-string and form parameters (all strings); :data:`request` is the request. The return
+    value is the response: a string (``text/plain``), a Media (its own type), an
+    :class:`HttpResponse` (status and headers of your choosing) or anything JSON can hold.
+
+    Parameters
+    ----------
+    methods : list of str, optional
+        The methods served (default GET and POST); others get 405.
+    authenticate_users : bool
+        Log the request in with its HTTP Basic credentials (the app's users, unless its session
+        is logged in already): ``request.user``; wrong or missing credentials get 401.
+    require_credentials : bool
+        Refuse (401) a request without HTTP Basic credentials; they are in
+        ``request.username`` and ``request.password`` for the function to check.
+    cross_site_session : bool
+        Run a request from another site in the browser's cookie session (by default such a
+        request gets a fresh session).
+    enable_cors : bool or str
+        Answer CORS preflights and allow other origins (``True``: any; a string: that origin).
+    require_user : bool or callable
+        Refuse (401) a request with no logged-in user, or (403) one the predicate refuses.
+    """
+
+    def decorate(fn: F) -> F:
+        name, wrapper = make_endpoint(
+            fn, path, methods=methods, authenticate_users=authenticate_users,
+            require_credentials=require_credentials, cross_site_session=cross_site_session,
+            enable_cors=enable_cors, require_user=require_user,
+        )  # fmt: skip
+        functions.register(name, wrapper)
+        _mark(fn, name)
+        return fn
+
+    return decorate
+
+
+def _mark(fn: Any, name: str) -> None:
+    """Note on *fn* the name a decorator registered it under (``%%callable`` then registers
+    nothing more for it, and withdraws the name when the cell no longer defines it).
+    """
+    with contextlib.suppress(AttributeError, TypeError):
+        fn._anvil_nb_names = (*getattr(fn, "_anvil_nb_names", ()), name)
+
+
+#: The newer name of :func:`http_endpoint` (Anvil's ``@anvil.server.route``), served at the same
+#: ``_/api`` paths.
+route = http_endpoint
 
 
 def background_task(fn: Any = None, /, **options: Any) -> Any:

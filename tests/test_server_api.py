@@ -25,6 +25,7 @@ DESIGN_NAMES = {
     "is_app_online", "get_app_origin", "get_api_origin", "FormResponse", "HttpRequest",
     "HttpResponse", "http_endpoint", "background_task", "launch_background_task", "task_state",
     "no_loading_indicator", "CallContext",
+    "route",  # the "HTTP endpoints" row: http_endpoint's alias
 }  # fmt: skip
 REFERENCE_EXCEPTIONS = {
     "AppOfflineError", "BackgroundTaskError", "BackgroundTaskKilled", "BackgroundTaskNotFound",
@@ -190,16 +191,40 @@ def test_form_response_travels_under_anvils_name():
 @pytest.mark.parametrize(
     ("call", "feature"),
     [
-        (lambda: server.http_endpoint("/x"), "http_endpoint"),
         (lambda: server.background_task(lambda: 1), "background_task"),
         (lambda: server.launch_background_task("t"), "launch_background_task"),
         (server.task_state, "task_state"),
-        (lambda: server.request, "request"),
     ],
 )
 def test_features_of_later_versions_say_so(call, feature):
     with pytest.raises(NotImplementedError, match=feature.split("_")[0]):
         call()
+
+
+def test_http_endpoint_registers_the_real_client_s_name_and_serves_its_kwargs():
+    @server.http_endpoint("/hello/:name", methods=["GET"])
+    def hello(name, greeting="hi"):
+        return {"text": f"{greeting} {name}", "path": server.request.path}
+
+    assert hello.__name__ == "hello"  # the function itself is returned, unchanged
+    assert server.route is server.http_endpoint
+    request = {
+        "method": "GET", "path": "/hello/ann", "query_params": {"greeting": "hey"},
+        "form_params": {}, "origin": None, "headers": {}, "remote_address": "127.0.0.1",
+        "body": None, "username": None, "password": None,
+    }  # fmt: skip
+    # a trusted caller may call an endpoint's registration as the host does
+    answer = server.call("http:/hello/ann", **request)
+    assert answer == {
+        "status": 200, "body": {"text": "hey ann", "path": "/hello/ann"}, "headers": {}
+    }
+    assert server.call("http:/hello/ann", **{**request, "method": "POST"})["status"] == 405
+
+
+def test_server_request_exists_but_is_only_readable_in_an_endpoint_call():
+    assert hasattr(server, "request")
+    with pytest.raises(RuntimeError, match="only available inside an HTTP endpoint call"):
+        server.request.path  # noqa: B018
 
 
 def test_unknown_attribute_is_an_attribute_error():

@@ -209,6 +209,8 @@ class CallState:
     #: The session as it came (wire form): rebuilt only when the call uses ``session``, so a
     #: call that never touches it costs no session work and sends none back.
     session_blob: Any = None
+    #: The HTTP request an endpoint call serves (``server.request``), set by its wrapper.
+    request: Any = None
     _session: dict[str, Any] | None = field(default=None, repr=False)
 
     @property

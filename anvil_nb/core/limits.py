@@ -47,6 +47,10 @@ class Limits:
         listener is Jupyter's.)
     log_interval : float
         A repeated warning is logged at most once per this many seconds (with a count).
+    max_http_body_bytes : int
+        The largest request body an HTTP endpoint accepts (16 MiB). A request that declares a
+        larger one gets 413 from its headers alone, before any of it is read; a chunked body
+        that grows past it gets 413 when it does.
     """
 
     max_frame_bytes: int = 16 * 1024 * 1024
@@ -58,6 +62,7 @@ class Limits:
     ping_timeout: float = 15.0
     accept_backoff: float = 0.5
     log_interval: float = 10.0
+    max_http_body_bytes: int = 16 * 1024 * 1024
 
 
 #: The bounds used when a placement sets none.

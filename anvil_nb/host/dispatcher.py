@@ -73,6 +73,7 @@ from anvil_nb.core.events import (
 )
 from anvil_nb.core.limits import DEFAULT_LIMITS, Limits
 from anvil_nb.core.logs import RateLimiter, clip
+from anvil_nb.host.http import ENDPOINT_PREFIXES
 from anvil_nb.host.registry import Registry
 from anvil_nb.host.sessions import SessionManager, SessionRecord, SQLiteSessionStore
 from anvil_nb.host.state import AppState, Media, Peer, PeerState, Request, parent_request
@@ -182,10 +183,9 @@ class Host:
             str, Callable[[PeerState, dict[str, Any], SessionRecord | None], Any]
         ] = {
             "anvil.private.echo": self._echo,
-            "anvil.private.get_app_origin": lambda *_: self.origin,
-            "anvil.private.get_api_origin": lambda *_: (
-                self.origin and self.origin.rstrip("/") + "/_/api"
-            ),
+            "anvil.private.get_app_origin": lambda ps, *_: self.app_origin(ps.app.name),
+            "anvil.private.get_api_origin": lambda ps, *_: self.api_origin(ps.app.name),
+            "anvil.private.switch_session!": self._switch_session,
             "anvil.private.get_session_id": lambda _ps, _m, rec: rec.id if rec else None,
             "anvil.private.reset_session": self._reset_session,
             "anvil.private.capability_is_valid": self._capability_is_valid,
@@ -248,6 +248,20 @@ class Host:
     def client_key(self, key: str | None) -> None:
         self.apps[DEFAULT_APP].client_key = key
 
+    def app_origin(self, app: str = DEFAULT_APP) -> str | None:
+        """The origin URL of *app* (``None`` when nothing listens on HTTP): the host's origin for
+        ``default``, ``{origin}/app/NAME`` for another app.
+        """
+        if not self.origin:
+            return None
+        root = self.origin.rstrip("/")
+        return root if app == DEFAULT_APP else f"{root}/app/{app}"
+
+    def api_origin(self, app: str = DEFAULT_APP) -> str | None:
+        """Where *app*'s HTTP endpoints are served: its origin + ``/_/api``."""
+        origin = self.app_origin(app)
+        return origin and origin + "/_/api"
+
     # -----------------------------------------------------------------------------------------
     # Peers
 
@@ -288,6 +302,53 @@ class Host:
             self._release(req, late=True)
         ps.app.sessions.drop(ps.session_id)
         log.info("%s disconnected", peer.name)
+
+    def call_once(
+        self,
+        peer: Peer,
+        app: str,
+        session_id: str,
+        msg: dict[str, Any],
+        media: Media | None = None,
+        alternate_session: str | None = None,
+    ) -> Request | None:
+        """Route one call made by a door of the host itself (an HTTP request), not a connection.
+
+        The call runs in the session *session_id* with ``peer.client`` as its client and a call
+        stack of one frame of ``peer.kind``; its answer (or error) reaches ``peer.send`` as a
+        connection's would. The door built *msg*, so it may name ``http:`` and ``route:``
+        registrations, which no untrusted connection may. *alternate_session* is the session a
+        provider may switch the call to (``anvil.private.switch_session!``: the cookie session
+        of a cross-site request). Returns the request in flight (``None`` if it failed at once),
+        whose ``session_id`` says which session it ended in; :meth:`abandon` it if the door
+        gives up before the answer.
+        """
+        peer.name = f"{peer.kind}-{next(self._peer_ids)}"
+        ps = PeerState(
+            peer, peer.kind in TRUSTED_TYPES, {"type": peer.kind}, session_id, self.app(app)
+        )
+        ps.door = True
+        self._on_call(ps, msg, media)
+        req = ps.calls.get(msg.get("id"))
+        if req is not None:
+            req.alternate_session = alternate_session
+        return req
+
+    def abandon(self, req: Request) -> None:
+        """Give up a call routed by :meth:`call_once`: a late answer is dropped quietly."""
+        if req.caller is not None:
+            req.caller = None
+            self._release(req, late=True)
+
+    def endpoint_command(self, app: str, path: str) -> str | None:
+        """The command a request for ``_/api{path}`` calls: ``http:{path}`` if a provider
+        serves it, else ``route:{path}``; ``None`` if neither is served.
+        """
+        registry = self.app(app).registry
+        for prefix in ENDPOINT_PREFIXES:
+            if registry.providers(prefix + path):
+                return prefix + path
+        return None
 
     def state(self, app: str = DEFAULT_APP) -> dict[str, Any]:
         """A snapshot of one app for ``_/admin/state`` and ``%anvil status``: its names, their
@@ -535,7 +596,7 @@ class Host:
             raise StackOverflow(
                 f"Server calls are nested more than {MAX_CALL_DEPTH} deep (calling {clip(command)!r})"
             )
-        if not ps.trusted and ":" in command:
+        if not ps.trusted and ":" in command and not ps.door:
             raise PermissionDenied(f"Untrusted callers cannot call {clip(command)!r}")
         return session_id, stack, client
 
@@ -821,6 +882,24 @@ class Host:
         sessions.drop(rec.id)
         self._emit_session(ps, rec.id, "reset", fresh.id)
         return fresh.id
+
+    def _switch_session(self, ps: PeerState, msg: dict[str, Any], rec: SessionRecord | None) -> Any:
+        """``anvil.private.switch_session!`` (an endpoint with ``cross_site_session``): move the
+        HTTP request being served to its alternate session (the cookie session of a cross-site
+        request) and answer that session's blob; else answer the current one's.
+        """
+        parent = parent_request(ps, msg)
+        if not ps.trusted or parent is None:
+            raise PermissionDenied("switch_session is for the endpoint serving an HTTP request")
+        alternate, parent.alternate_session = parent.alternate_session, None
+        if alternate is not None:
+            try:
+                rec = ps.app.sessions.use(alternate)
+            except SessionExpiredError:
+                rec = None
+            if rec is not None:
+                parent.session_id, parent.session_version = rec.id, rec.version
+        return rec.data if rec is not None else None
 
     def _watch_events(self, ps: PeerState, _msg: dict[str, Any], _rec: SessionRecord | None) -> Any:
         """Push this (trusted, anvil_nb) peer the events of its app it is not a party to, from

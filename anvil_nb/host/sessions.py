@@ -72,6 +72,8 @@ class SessionRecord:
     #: Kept in the store and survives a restart (cookie sessions); connection sessions are
     #: memory only and end with their connection.
     persistent: bool = False
+    #: The id of the user logged in to this session (``anvil_nb.users``), or ``None``.
+    user_id: str | None = None
 
 
 class SessionStore(ABC):
@@ -132,14 +134,16 @@ CREATE TABLE IF NOT EXISTS sessions (
     client    BLOB,
     created   REAL NOT NULL,
     last_seen REAL NOT NULL,
-    version   INTEGER NOT NULL
+    version   INTEGER NOT NULL,
+    user_id   TEXT
 )
 """
 
 
 #: ``PRAGMA user_version`` of the sessions file. 0: written by anvil_nb before connection
 #: sessions became memory-only, so every row in it belongs to a connection that is gone.
-_SCHEMA_VERSION = 1
+#: 1: no ``user_id`` column yet (added in place: every session is kept).
+_SCHEMA_VERSION = 2
 
 
 class SQLiteSessionStore(SessionStore):
@@ -163,8 +167,12 @@ class SQLiteSessionStore(SessionStore):
         db = self._db()
         db.execute("BEGIN IMMEDIATE")
         try:
-            if db.execute("PRAGMA user_version").fetchone()[0] < _SCHEMA_VERSION:
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            if version < 1:
                 db.execute("DROP TABLE IF EXISTS sessions")  # only orphaned connection sessions
+            elif version < 2:
+                db.execute("ALTER TABLE sessions ADD COLUMN user_id TEXT")
+            if version < _SCHEMA_VERSION:
                 db.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
             db.execute(_SCHEMA)
             db.execute("COMMIT")
@@ -189,14 +197,15 @@ class SQLiteSessionStore(SessionStore):
         row = (
             self._db()
             .execute(
-                "SELECT id, secret, data, client, created, last_seen, version FROM sessions WHERE id = ?",
+                "SELECT id, secret, data, client, created, last_seen, version, user_id "
+                "FROM sessions WHERE id = ?",
                 (session_id,),
             )
             .fetchone()
         )
         if row is None:
             return None
-        sid, secret, data, client, created, last_seen, version = row
+        sid, secret, data, client, created, last_seen, version, user_id = row
         return SessionRecord(
             id=sid,
             secret=bytes(secret),
@@ -206,12 +215,14 @@ class SQLiteSessionStore(SessionStore):
             last_seen=last_seen,
             version=version,
             persistent=True,
+            user_id=user_id,
         )
 
     def put(self, record: SessionRecord) -> None:  # noqa: D102
         self._db().execute(
-            "INSERT OR REPLACE INTO sessions (id, secret, data, client, created, last_seen, version) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            "INSERT OR REPLACE INTO sessions "
+            "(id, secret, data, client, created, last_seen, version, user_id) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 record.id,
                 record.secret,
@@ -220,6 +231,7 @@ class SQLiteSessionStore(SessionStore):
                 record.created,
                 record.last_seen,
                 record.version,
+                record.user_id,
             ),
         )
 
@@ -292,6 +304,25 @@ class SessionManager:
         if persistent:
             self.store.put(record)
         return record
+
+    def persist(self, record: SessionRecord) -> None:
+        """Keep a session that was memory only in the store from now on (a browser's, once it
+        holds something worth a cookie).
+        """
+        record.persistent = True
+        self.store.put(record)
+
+    def replace(self, record: SessionRecord) -> SessionRecord:
+        """A new session (new id, new secret) with *record*'s data, user and client, in its
+        place; *record* ends. Logging in or out does this, so that a session id known before
+        never carries the user (no session fixation).
+        """
+        fresh = self.new(client=record.client, persistent=False)
+        fresh.data, fresh.user_id, fresh.version = record.data, record.user_id, record.version + 1
+        if record.persistent:
+            self.persist(fresh)
+        self.drop(record.id)
+        return fresh
 
     def get(self, session_id: str) -> SessionRecord | None:
         """The session with that id (from the cache or the store), without touching it."""

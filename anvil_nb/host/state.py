@@ -84,6 +84,9 @@ class PeerState:
     calls: dict[Any, Request] = field(default_factory=dict)
     #: A watcher's events not pushed yet (sent together at the end of the loop's turn).
     outbox: list[dict[str, Any]] = field(default_factory=list)
+    #: A door of the host itself (an HTTP request), not a connection: it may call ``http:``
+    #: and ``route:`` names, which the host built for it.
+    door: bool = False
 
 
 @dataclass(eq=False)
@@ -112,6 +115,9 @@ class Request:
     parent: Request | None = None
     #: The caller sent its session along and takes the changed one back (anvil_nb clients).
     adopts_session: bool = False
+    #: The session the provider may switch this call to (``anvil.private.switch_session!``):
+    #: the cookie session of a cross-site HTTP request.
+    alternate_session: str | None = None
 
 
 def parent_request(ps: PeerState, msg: dict[str, Any]) -> Request | None:

@@ -107,10 +107,7 @@ class AnvilMagics(Magics):
             if portable.name_of_class(cls) is None:  # an explicit @portable_class name wins
                 portable.portable_class(cls)
             now.classes.append(portable.name_of_class(cls) or cls_name)
-        for fn_name in fns:
-            registered = name or fn_name
-            functions.register(registered, ns[fn_name], require_user=require_user or None)
-            now.functions.append(registered)
+        now.functions.extend(self._register_functions(fns, name, require_user))
         before = self._cells.get(key)
         if before is not None:
             # Withdraw what this cell no longer defines, unless another cell has taken it over.
@@ -125,6 +122,22 @@ class AnvilMagics(Magics):
         for registered in (*now.functions, *now.classes):
             self._owner[registered] = key
         self._cells[key] = now
+
+    def _register_functions(
+        self, fns: list[str], name: str | None, require_user: bool
+    ) -> list[str]:
+        """Serve the cell's functions; the names they are served under."""
+        ns = self.shell.user_ns
+        names: list[str] = []
+        for fn_name in fns:
+            marked = getattr(ns[fn_name], "_anvil_nb_names", None)
+            if marked and not name:  # a decorator registered it (@server.http_endpoint, ...)
+                names.extend(n for n in marked if functions.get(n) is not None)
+                continue
+            registered = name or fn_name
+            functions.register(registered, ns[fn_name], require_user=require_user or None)
+            names.append(registered)
+        return names
 
     @magic_arguments()
     @argument(

@@ -46,7 +46,9 @@ from traitlets import Bool, Dict, TraitError, Unicode, default, validate
 from anvil_nb.config import DEFAULT_APP, ENV_KEY, ENV_ROOT, ENV_URL, KeyRing, default_data_dir
 from anvil_nb.core.limits import DEFAULT_LIMITS, Limits
 from anvil_nb.host.dispatcher import Host
-from anvil_nb.web.handlers import EventStreaming, admin_state, apps_state, no_app, no_endpoint
+from anvil_nb.host.http import Reply
+from anvil_nb.web.api import EndpointServing
+from anvil_nb.web.handlers import EventStreaming, admin_state, apps_state, no_app
 from anvil_nb.web.routes import Handlers
 from anvil_nb.web.service import HostService
 from anvil_nb.web.uplink import BrowserHandler, UplinkHandler
@@ -82,24 +84,38 @@ class JupyterBrowserHandler(BrowserHandler, JupyterHandler):
         await super().get(*args, **kwargs)
 
 
-class JupyterApiHandler(APIHandler):
-    """``_/api/<path>`` inside Jupyter: JSON answers and errors, Jupyter's auth unless public."""
+class JupyterApiHandler(EndpointServing, APIHandler):
+    """``_/api/<path>`` inside Jupyter: Jupyter's auth unless public (refusals are JSON), then
+    the endpoint's own answer.
+    """
 
-    def initialize(self, host: Host, keys: Any, public: bool = False) -> None:  # noqa: ARG002
+    def initialize(self, host: Host, keys: Any, public: bool = False) -> None:
         self.host = host
+        self.keyring = keys
         self.public = public
 
     def check_xsrf_cookie(self) -> None:
         if not self.public:  # public endpoints are called by clients with no Jupyter cookie
             super().check_xsrf_cookie()
 
-    @allow_unauthenticated
-    def _endpoint(self, *args: str) -> None:
-        _require_user(self)
-        self.set_status(404)
-        self.finish(no_endpoint(args[-1]))  # (app name,) path
+    async def prepare(self) -> None:
+        await super().prepare()  # Jupyter's handlers authenticate here
+        if not self._finished:
+            self._refuse_large_body()
 
-    get = post = put = delete = patch = head = _endpoint  # type: ignore[assignment]
+    @allow_unauthenticated
+    async def _endpoint(self, *args: str) -> None:
+        _require_user(self)
+        app, path = (args[0], args[1]) if len(args) == 2 else (DEFAULT_APP, args[-1])
+        if app not in self.keyring.names():
+            raise web.HTTPError(404, f"No app named {app[:100]!r}")
+        await self.serve_endpoint(app, path)
+
+    get = head = post = put = delete = patch = options = _endpoint  # type: ignore[assignment]
+
+    def finish_reply(self, reply: Reply) -> None:
+        content_type = next((v for k, v in reply.headers if k.lower() == "content-type"), None)
+        self.finish(reply.body, set_content_type=content_type or "application/octet-stream")
 
 
 class JupyterAdminStateHandler(APIHandler):

@@ -1,8 +1,8 @@
-"""HTTP handlers of the standalone host: ``_/api/...`` and ``_/admin/...``. They only translate.
+"""HTTP handlers of the standalone host: ``_/admin/...`` and the status page. They only translate.
 
 Inside Jupyter, :mod:`anvil_nb.jupyter.serverext` uses variants of these behind Jupyter's own auth.
-Standalone, ``_/admin/...`` asks for the server key (``Authorization: Bearer <key>``), and
-``_/api/...`` is public.
+Standalone, ``_/admin/...`` asks for the server key (``Authorization: Bearer <key>``).
+(``_/api/...`` is :mod:`anvil_nb.web.api`.)
 """
 
 from __future__ import annotations
@@ -28,13 +28,11 @@ __all__ = [
     "AdminAppsHandler",
     "AdminEventsHandler",
     "AdminStateHandler",
-    "ApiHandler",
     "EventStreaming",
     "StatusPageHandler",
     "admin_state",
     "apps_state",
     "no_app",
-    "no_endpoint",
 ]
 
 #: Events kept for one ``_/admin/events`` reader that has not taken them yet; older ones are
@@ -102,20 +100,6 @@ class _Base(tornado.web.RequestHandler):
         self.set_status(status)
         self.set_header("Content-Type", "application/json")
         self.finish(orjson.dumps(body))
-
-
-def no_endpoint(path: str) -> dict[str, str]:
-    """The body of a 404 from ``_/api/...`` (as the App Server words it)."""
-    return {"error": "No matching API endpoint", "path": "/" + path}
-
-
-class ApiHandler(_Base):
-    """``_/api/<path>``: HTTP endpoints. None are served yet, so every path is a 404."""
-
-    def _no_endpoint(self, *args: str) -> None:
-        self.write_json(404, no_endpoint(args[-1]))  # (app name,) path
-
-    get = post = put = delete = patch = head = _no_endpoint  # type: ignore[assignment]
 
 
 class AdminAppsHandler(_Base):

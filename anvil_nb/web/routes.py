@@ -32,11 +32,11 @@ import tornado.web
 from anvil_nb.config import KeyRing, Keys
 from anvil_nb.core.limits import Limits
 from anvil_nb.host.dispatcher import Host
+from anvil_nb.web.api import ApiHandler
 from anvil_nb.web.handlers import (
     AdminAppsHandler,
     AdminEventsHandler,
     AdminStateHandler,
-    ApiHandler,
     StatusPageHandler,
 )
 from anvil_nb.web.uplink import BrowserHandler, UplinkHandler

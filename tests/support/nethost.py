@@ -38,10 +38,14 @@ class NetHost:
             sockets = tornado.netutil.bind_sockets(0, "127.0.0.1")
             self.server = tornado.httpserver.HTTPServer(make_app(self.host, KEYS, "/"))
             self.server.add_sockets(sockets)
-            return sockets[0].getsockname()[1]
+            port = sockets[0].getsockname()[1]
+            self.host.origin = f"http://127.0.0.1:{port}"
+            return port
 
         self.port = self.ht.run(listen)
         self.url = f"ws://127.0.0.1:{self.port}/_/uplink"
+        #: Where the app ``default``'s HTTP endpoints are.
+        self.api = f"http://127.0.0.1:{self.port}/_/api"
         self.clients: list[Client] = []
 
     def client(
