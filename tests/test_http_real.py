@@ -156,9 +156,10 @@ def test_cors_preflight_from_either_client(spawn: Spawn, host: HostProc, mode: s
         assert pre.status_code == 200
         assert pre.headers["Access-Control-Allow-Origin"] == "*"
         assert "x-key" in pre.headers["Access-Control-Allow-Headers"]
-        assert requests.get(api(host, "/cors"), timeout=WAIT).headers[
-            "Access-Control-Allow-Origin"
-        ] == "*"
+        assert (
+            requests.get(api(host, "/cors"), timeout=WAIT).headers["Access-Control-Allow-Origin"]
+            == "*"
+        )
     finally:
         agent.stop()
 

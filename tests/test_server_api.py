@@ -216,7 +216,9 @@ def test_http_endpoint_registers_the_real_client_s_name_and_serves_its_kwargs():
     # a trusted caller may call an endpoint's registration as the host does
     answer = server.call("http:/hello/ann", **request)
     assert answer == {
-        "status": 200, "body": {"text": "hey ann", "path": "/hello/ann"}, "headers": {}
+        "status": 200,
+        "body": {"text": "hey ann", "path": "/hello/ann"},
+        "headers": {},
     }
     assert server.call("http:/hello/ann", **{**request, "method": "POST"})["status"] == 405
 
