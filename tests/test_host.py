@@ -21,6 +21,7 @@ from anvil_nb.client.client import Client, FunctionRegistry
 from anvil_nb.core.capability import Capability
 from anvil_nb.core.errors import (
     AnvilError,
+    AuthenticationFailed,
     NoServerFunctionError,
     PermissionDenied,
     SerializationError,
@@ -273,11 +274,12 @@ def test_calls_nested_too_deeply_raise_stack_overflow(connect):
         connect().call("recurse", 0)
 
 
-def test_require_user_without_a_user_is_permission_denied(connect):
+def test_require_user_without_a_user_is_authentication_failed(connect):
+    # as the real client: anvil.users.AuthenticationFailed (tests/test_users_host.py logs in)
     registry = FunctionRegistry()
     registry.register("secret", lambda: 1, require_user=True)
     connect("server_module", registry)
-    with pytest.raises(PermissionDenied, match="logged in"):
+    with pytest.raises(AuthenticationFailed, match="must be logged in"):
         connect().call("secret")
 
 

@@ -19,6 +19,16 @@ from support.agents import AGENT_SCRIPT, MODES, WAIT, Agent, HostProc, Spawn, sp
 from support.waiting import wait_until
 
 ENDPOINTS = """
+try:
+    import anvil.users as U
+except ImportError:  # an nb agent, where anvil is not importable
+    from anvil_nb import users as U
+
+@S.http_endpoint("/me", authenticate_users=True)
+def me():
+    u = S.request.user
+    return {"email": u["email"], "id": u.get_id()}
+
 @S.http_endpoint("/books/:id")
 def book(id, **params):
     r = S.request
@@ -160,6 +170,27 @@ def test_cors_preflight_from_either_client(spawn: Spawn, host: HostProc, mode: s
             requests.get(api(host, "/cors"), timeout=WAIT).headers["Access-Control-Allow-Origin"]
             == "*"
         )
+    finally:
+        agent.stop()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_users_from_either_client_and_basic_auth(spawn: Spawn, host: HostProc, mode: str):
+    agent = provider(spawn, host, mode)
+    email = f"{mode}-user@example.com"
+    try:
+        signed = agent.run(
+            f"u = U.signup_with_email({email!r}, 'the password')\n"
+            "result = [u['email'], u.get_id(), U.get_user()['email']]"
+        )
+        assert signed[0] == signed[2] == email
+        assert agent.run("U.logout()\nresult = U.get_user()") is None
+        wrong = agent.run(f"result = catch(U.login_with_email, {email!r}, 'wrong')")
+        assert wrong["raised"] and wrong["name"] == "AuthenticationFailed", wrong
+        me = requests.get(api(host, "/me"), auth=(email, "the password"), timeout=WAIT)
+        assert me.json() == {"email": email, "id": signed[1]}
+        refused = requests.get(api(host, "/me"), auth=(email, "wrong"), timeout=WAIT)
+        assert refused.status_code == 401
     finally:
         agent.stop()
 

@@ -27,6 +27,7 @@ ALLOWED: dict[str, set[str]] = {
     "runtime": {"core", "config", "host", "client"},
     "media": {"core"},
     "server": {"core", "config", "client", "runtime"},
+    "users": {"core", "server"},
     "widgets": {"core", "config", "client", "runtime", "widgets", "ipywidgets"},
     "jupyter": {
         "core",

@@ -52,6 +52,7 @@ from anvil_nb.core.context import CallContext
 from anvil_nb.core.errors import (
     AnvilError,
     AppOfflineError,
+    AuthenticationFailed,
     NoServerFunctionError,
     PermissionDenied,
     ProtocolError,
@@ -183,8 +184,23 @@ class FunctionRegistry:
 #: The functions of this process, registered by ``@server.callable`` and ``%%callable``.
 functions = FunctionRegistry()
 
-#: Called to find the logged-in user for ``require_user``; the users service replaces it.
-user_hook: Callable[[], Any] = lambda: None  # noqa: E731
+
+def check_user(client: Client, name: str, require_user: Any) -> None:
+    """Refuse a call of *name* unless its session's user passes *require_user* (``True``: any
+    logged-in user; a callable: a predicate on the user), as the real client does.
+
+    Raises
+    ------
+    AuthenticationFailed
+        No user is logged in.
+    PermissionDenied
+        The predicate refused the user.
+    """
+    user = client.call("anvil.private.users.get_current_user")
+    if user is None:
+        raise AuthenticationFailed(f"You must be logged in to call server function {name!r}")
+    if require_user is not True and not require_user(user):
+        raise PermissionDenied(f"You do not have permission to call server function {name!r}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -551,8 +567,8 @@ class Client:
             )
             for cap in state.capabilities:
                 cap._validity = self._capability_is_valid
-            if entry.require_user and user_hook() is None:
-                raise PermissionDenied("You must be logged in to call this server function")
+            if entry.require_user:
+                check_user(self, entry.name, entry.require_user)
             args, kwargs = msg.get("args") or [], msg.get("kwargs") or {}
             if self.events.active:
                 self.events.emit(CallStarted(

@@ -44,7 +44,7 @@ from anvil_nb.core.liveobject import LiveObjectProxy
 from anvil_nb.core.media import BlobMedia, LazyMedia, Media
 from anvil_nb.core.portable import SerializationInfo
 
-__all__ = ["MAX_DEPTH", "Encoded", "deserialise", "format_path", "serialise"]
+__all__ = ["MAX_DEPTH", "Encoded", "cache_entry", "deserialise", "format_path", "serialise"]
 
 #: The deepest nesting a value may have. orjson refuses more than 254 levels, and the message
 #: itself adds a few, so this keeps every serialisable value sendable.
@@ -597,9 +597,32 @@ _READERS: dict[str, Callable[..., Any]] = {
     "Capability": _read_capability,
     "DataMedia": _read_data_media,
     "LazyMedia": lambda e, _media, reading: LazyMedia(e, reading.fetch_media),
-    "LiveObject": lambda e, _media, reading: LiveObjectProxy._from_wire(e, reading.lo_methods),
+    "LiveObject": lambda e, _media, reading: _read_live_object(e, reading),
     "Primitive": lambda e, *_: e.get("value"),
 }
+
+
+def _read_live_object(entry: dict[str, Any], reading: _Reading) -> LiveObjectProxy:
+    """A live object, the values of its ``itemCache`` read (each is a typed entry, as the
+    real client writes and reads them: ``{"type": ["Primitive"], "value": ...}``).
+    """
+    cache = entry.get("itemCache")
+    items = {}
+    if isinstance(cache, dict):
+        for key, value in cache.items():
+            kinds = value.get("type") if isinstance(value, dict) else None
+            reader = next((_READERS[k] for k in kinds or () if k in _READERS), None)
+            items[key] = reader(value, None, reading) if reader is not None else value
+    return LiveObjectProxy._from_wire(entry, reading.lo_methods, items)
+
+
+def cache_entry(value: Any) -> dict[str, Any]:
+    """*value* (JSON scalar or datetime) as a live object's ``itemCache`` holds it."""
+    if isinstance(value, dt.datetime):
+        return {"type": ["DateTime"], "value": _format_datetime(value)}
+    if value is None or isinstance(value, (str, bool, int, float)):
+        return {"type": ["Primitive"], "value": value}
+    raise SerializationError(f"a live object's item cannot be a {type(value).__name__}")
 
 
 def _walk(root: dict[str, Any], path: list[Any]) -> tuple[Any, Any]:

@@ -42,12 +42,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from anvil_nb.config import DEFAULT_APP
+from argon2 import PasswordHasher
+
+from anvil_nb.config import DEFAULT_APP, app_database
 from anvil_nb.core import protocol
 from anvil_nb.core.capability import normalise_scope_key, scope_key, sign_scope, verify_scope
 from anvil_nb.core.context import TRUSTED_TYPES
 from anvil_nb.core.errors import (
     AnvilError,
+    AuthenticationFailed,
     InternalError,
     NoServerFunctionError,
     PermissionDenied,
@@ -73,6 +76,8 @@ from anvil_nb.core.events import (
 )
 from anvil_nb.core.limits import DEFAULT_LIMITS, Limits
 from anvil_nb.core.logs import RateLimiter, clip
+from anvil_nb.host.accounts import COMMANDS as ACCOUNT_COMMANDS
+from anvil_nb.host.accounts import ROW_BACKEND, Accounts
 from anvil_nb.host.http import ENDPOINT_PREFIXES
 from anvil_nb.host.registry import Registry
 from anvil_nb.host.sessions import SessionManager, SessionRecord, SQLiteSessionStore
@@ -84,6 +89,9 @@ log = logging.getLogger("anvil_nb.host.dispatcher")
 
 #: Calls nested deeper than this fail with StackOverflow (as on Anvil).
 MAX_CALL_DEPTH = 10
+
+#: Logins and sign-ups one connection may have waiting at once.
+MAX_ACCOUNT_CALLS = 4
 
 
 #: Events kept for one watcher between two pushes (one turn of the loop); more are dropped.
@@ -138,9 +146,12 @@ class Host:
         What one connection may cost: frame size, calls in flight, bytes queued for writing
         (see :class:`~anvil_nb.core.limits.Limits`).
     data_dir : str or Path, optional
-        Keep persistent sessions (``sessions.sqlite3``; another app's in
-        ``apps/<name>/sessions.sqlite3``) and the MAC key (``host-secret``) in this folder, so
-        that both survive a restart. Without it, both live in memory.
+        Keep each app's cookie sessions and users (``app.sqlite3``; another app's in
+        ``apps/<name>/app.sqlite3``) and the MAC key (``host-secret``) in this folder, so that
+        they survive a restart. Without it, sessions and the key live in memory and users in a
+        temporary folder.
+    password_hasher : argon2.PasswordHasher, optional
+        How users' passwords are hashed (argon2-cffi's defaults unless given).
 
     The arguments about sessions and ``app_info`` are those of the app ``default``; other apps
     are made on first use (:meth:`app`).
@@ -156,6 +167,7 @@ class Host:
         origin: str | None = None,
         data_dir: str | Path | None = None,
         limits: Limits = DEFAULT_LIMITS,
+        password_hasher: PasswordHasher | None = None,
     ):
         self.limits = limits
         self._data_dir = Path(data_dir) if data_dir else None
@@ -167,6 +179,8 @@ class Host:
         self.call_timeout = call_timeout
         self.origin = origin
         self.events = EventBus()
+        #: The users of every app (``anvil.private.users.*``).
+        self.accounts = Accounts(secret, self._data_dir, password_hasher)
         #: The apps of this host, by name; ``default`` always exists.
         self.apps: dict[str, AppState] = {}
         self.apps[DEFAULT_APP] = self._new_app(DEFAULT_APP, sessions, app_info)
@@ -213,8 +227,7 @@ class Host:
         if sessions is None:
             store = None
             if self._data_dir is not None:
-                folder = self._data_dir if name == DEFAULT_APP else self._data_dir / "apps" / name
-                store = SQLiteSessionStore(folder / "sessions.sqlite3")
+                store = SQLiteSessionStore(app_database(self._data_dir, name))
             sessions = SessionManager(store)
         info = app_info or {
             "id": "anvil_nb" if name == DEFAULT_APP else name,
@@ -393,6 +406,7 @@ class Host:
             self.detach(peer)
         for state in self.apps.values():
             state.sessions.close()
+        self.accounts.close()
 
     @property
     def peers(self) -> list[Peer]:
@@ -490,7 +504,10 @@ class Host:
         if type(call_id) is not str and type(call_id) is not int:
             raise ProtocolError("a CALL needs a string 'id'")
         try:
-            self._route(ps, call_id, msg, media)
+            if "command" not in msg and "liveObjectCall" in msg:
+                self._send(ps, protocol.response(call_id, self._live_object_call(ps, msg), []))
+            else:
+                self._route(ps, call_id, msg, media)
         except ProtocolError as exc:  # a malformed call: it fails alone, named for the caller
             self._fail(ps, call_id, SerializationError(str(exc)))
         except AnvilError as exc:
@@ -508,6 +525,9 @@ class Host:
             self._send(ps, protocol.response(call_id, handler(ps, msg, None), []))
             return
         record = self._session_for(ps, session_id, parent)
+        if command in ACCOUNT_COMMANDS:
+            self._start_account_call(ps, call_id, command, msg, record)
+            return
         if handler is not None:
             self._send(ps, protocol.response(call_id, handler(ps, msg, record), []))
             return
@@ -882,6 +902,99 @@ class Host:
         sessions.drop(rec.id)
         self._emit_session(ps, rec.id, "reset", fresh.id)
         return fresh.id
+
+    # -----------------------------------------------------------------------------------------
+    # Users (anvil.private.users.*): password work runs on the accounts' pool, off this loop
+
+    def _live_object_call(self, ps: PeerState, msg: dict[str, Any]) -> Any:
+        """A ``liveObjectCall``: ``get_id()`` of a user row is the one this host serves."""
+        spec = msg.get("liveObjectCall")
+        backend = spec.get("backend") if isinstance(spec, dict) else None
+        if backend == ROW_BACKEND and spec.get("method") == "get_id":  # type: ignore[union-attr]
+            return self.accounts.row_id(ps.app.name, spec)
+        raise PermissionDenied(
+            f"Live objects of backend {clip(backend)} are not served by this host"
+        )
+
+    def _start_account_call(
+        self, ps: PeerState, call_id: Any, command: str, msg: dict[str, Any], rec: SessionRecord
+    ) -> None:
+        if ps.pending_accounts >= MAX_ACCOUNT_CALLS:
+            raise QuotaExceededError(
+                f"Too many logins in progress on this connection (at most {MAX_ACCOUNT_CALLS})"
+            )
+        ps.pending_accounts += 1
+        task = asyncio.get_running_loop().create_task(self._account_call(ps, command, msg, rec))
+
+        def done(task: asyncio.Task[tuple[Any, list[Any]]]) -> None:
+            ps.pending_accounts -= 1
+            if ps.peer not in self._peers:
+                return  # the caller went away meanwhile
+            exc = None if task.cancelled() else task.exception()
+            if task.cancelled() or exc is not None:
+                error = exc if isinstance(exc, AnvilError) else InternalError("The login failed")
+                if not isinstance(exc, AnvilError):
+                    log.error("%s failed", command, exc_info=exc)
+                self._fail(ps, call_id, error)
+                return
+            value, objects = task.result()
+            self._send(ps, protocol.response(call_id, value, objects))
+
+        task.add_done_callback(done)
+
+    async def _account_call(
+        self, ps: PeerState, command: str, msg: dict[str, Any], rec: SessionRecord
+    ) -> tuple[Any, list[Any]]:
+        app, accounts = ps.app.name, self.accounts
+        users = accounts.users(app)
+        name = command.rsplit(".", 1)[1]
+        if name == "get_current_user":
+            return accounts.answer(app, users.get(rec.user_id) if rec.user_id else None)
+        if name == "logout":
+            self._log_in(ps, msg, rec, None)
+            return None, []
+        if name == "force_login":
+            if not ps.trusted:
+                raise PermissionDenied("force_login is only available to server code")
+            objects = protocol.check_objects(msg.get("objects"), protocol.CALL_ROOTS)
+            entry = next((o for o in objects if o.get("path") == ["args", 0]), None)
+            user = accounts.user_of_row(app, entry)
+        else:
+            args = msg.get("args") or []
+            if len(args) < 2:
+                raise AuthenticationFailed(f"{name} needs an email address and a password")
+            work = users.login if name == "login_with_email" else users.signup
+            user = await accounts.run(work, args[0], args[1])
+        self._log_in(ps, msg, rec, user.id)
+        return accounts.answer(app, user)
+
+    def _log_in(
+        self, ps: PeerState, msg: dict[str, Any], rec: SessionRecord, user_id: str | None
+    ) -> None:
+        """Make *user_id* (``None``: nobody) the session's user, under a new session id.
+
+        Every connection and request in that session moves to the new id with it (their
+        copies of the data stay valid: only the id and its secret change).
+        """
+        sessions = ps.app.sessions
+        if sessions.get(rec.id) is not rec:
+            raise SessionExpiredError("The session ended while logging in; log in again")
+        fresh = sessions.replace(rec, user_id)
+        moved = [ps] if ps.door else []
+        for state in (*self._peers.values(), *moved):
+            if state.app is not ps.app:
+                continue
+            if state.session_id == rec.id:
+                state.session_id = fresh.id
+            for req in state.served.values():
+                if req.session_id == rec.id:
+                    req.session_id = fresh.id
+                if req.alternate_session == rec.id:
+                    req.alternate_session = fresh.id
+        parent = parent_request(ps, msg)
+        if parent is not None and parent.session_id == rec.id:
+            parent.session_id = fresh.id
+        self._emit_session(ps, rec.id, "login" if user_id else "logout", fresh.id)
 
     def _switch_session(self, ps: PeerState, msg: dict[str, Any], rec: SessionRecord | None) -> Any:
         """``anvil.private.switch_session!`` (an endpoint with ``cross_site_session``): move the

@@ -312,15 +312,20 @@ class SessionManager:
         record.persistent = True
         self.store.put(record)
 
-    def replace(self, record: SessionRecord) -> SessionRecord:
-        """A new session (new id, new secret) with *record*'s data, user and client, in its
-        place; *record* ends. Logging in or out does this, so that a session id known before
-        never carries the user (no session fixation).
+    def replace(self, record: SessionRecord, user_id: str | None) -> SessionRecord:
+        """A new session (new id, new secret) with *record*'s data and client and *user_id* as
+        its user, in its place; *record* ends. Logging in or out does this, so that a session
+        id known before never carries the user (no session fixation).
         """
-        fresh = self.new(client=record.client, persistent=False)
-        fresh.data, fresh.user_id, fresh.version = record.data, record.user_id, record.version + 1
-        if record.persistent:
-            self.persist(fresh)
+        now = self.clock()
+        fresh = SessionRecord(
+            id=new_session_id(), data=record.data, client=record.client, created=now,
+            last_seen=now, version=record.version, persistent=record.persistent, user_id=user_id,
+        )  # fmt: skip
+        with self._lock:
+            self._live[fresh.id] = fresh
+        if fresh.persistent:
+            self.store.put(fresh)
         self.drop(record.id)
         return fresh
 

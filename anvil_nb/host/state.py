@@ -87,6 +87,8 @@ class PeerState:
     #: A door of the host itself (an HTTP request), not a connection: it may call ``http:``
     #: and ``route:`` names, which the host built for it.
     door: bool = False
+    #: Logins and sign-ups of this peer waiting for the password pool.
+    pending_accounts: int = 0
 
 
 @dataclass(eq=False)
