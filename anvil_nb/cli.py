@@ -161,6 +161,11 @@ _BOUND_FLAGS = (
         "from it, refuses its calls and fails the responses it is waiting for",
     ),
     (
+        "max_http_body_bytes",
+        _positive(int),
+        "largest request body an HTTP endpoint accepts; a larger one gets 413 from its headers",
+    ),
+    (
         "handshake_timeout",
         _non_negative(float),
         "seconds a new connection has to send its HTTP request and then its uplink key before "

@@ -10,6 +10,7 @@ Each test runs a host behind a real listener on 127.0.0.1 (``net``) and a provid
 from __future__ import annotations
 
 import base64
+import json
 import socket
 import threading
 from collections.abc import Callable
@@ -19,6 +20,8 @@ import pytest
 import requests
 from support.nethost import NetHost
 from support.waiting import wait_until
+from websockets.exceptions import InvalidStatus
+from websockets.sync.client import connect as ws_connect
 
 from anvil_nb.client.client import Client, FunctionRegistry, current_call
 from anvil_nb.client.endpoints import HttpHeaders, HttpResponse, endpoint_name, make_endpoint
@@ -353,6 +356,40 @@ def test_a_cross_site_request_runs_in_a_fresh_session_unless_the_endpoint_allows
     assert browser.get(net.api + "/shared", headers=other, timeout=TIMEOUT).json() == 2
     same = {"Origin": f"http://127.0.0.1:{net.port}"}
     assert browser.get(net.api + "/count", headers=same, timeout=TIMEOUT).json() == 3
+
+
+def test_a_browser_websocket_shares_the_cookie_session_with_endpoints(net: NetHost):
+    registry = FunctionRegistry()
+    name, wrapper = make_endpoint(counter, "/count")
+    registry.register(name, wrapper)
+    registry.register("bump", counter)
+    net.client(registry=registry)
+    wait_until(
+        lambda: net.ht.run(net.host.endpoint_command, "default", "/count"), TIMEOUT, "/count"
+    )
+    ws_url = f"ws://127.0.0.1:{net.port}/_/ws"
+
+    def bump(ws: Any, call_id: str) -> Any:
+        ws.send(
+            json.dumps({"type": "CALL", "id": call_id, "command": "bump", "args": [], "kwargs": {}})
+        )
+        return json.loads(ws.recv(timeout=TIMEOUT))["response"]
+
+    with ws_connect(ws_url, open_timeout=TIMEOUT) as ws:
+        set_cookie = ws.response.headers["Set-Cookie"]
+        assert "HttpOnly" in set_cookie and "SameSite=Lax" in set_cookie
+        value = set_cookie.split(";", 1)[0].split("=", 1)[1]
+        assert bump(ws, "b1") == 1
+    # the endpoint, with the cookie the WebSocket got, runs in the same session
+    assert get(net, "/count", cookies={COOKIE: value}).json() == 2
+    with ws_connect(
+        ws_url, open_timeout=TIMEOUT, additional_headers={"Cookie": f"{COOKIE}={value}"}
+    ) as ws:
+        assert "Set-Cookie" not in ws.response.headers
+        assert bump(ws, "b2") == 3
+    with pytest.raises(InvalidStatus) as refused:  # a page of another site
+        ws_connect(ws_url, open_timeout=TIMEOUT, origin="https://evil.example")
+    assert refused.value.response.status_code == 403
 
 
 # ---------------------------------------------------------------------------------------------

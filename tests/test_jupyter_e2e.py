@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 import websocket  # websocket-client, a dependency of jupyter_server
 from support.jupyter import WAIT, JupyterProcess, jupyter_env
 from support.uplink import install_anvil_uplink
@@ -281,6 +282,39 @@ def test_two_notebooks_are_two_apps_and_never_collide(jupyter: JupyterServer, cl
     closing.append(left)
     with pytest.raises(NoServerFunctionError):
         left.call("greet", "Ann")
+
+
+def test_a_notebook_s_endpoints_are_served_under_its_app_behind_jupyter_auth(
+    jupyter: JupyterServer, closing: list[Any]
+):
+    status, session = jupyter.request(
+        "POST",
+        "api/sessions",
+        {"path": "shop.ipynb", "type": "notebook", "kernel": {"name": "python3"}},
+    )
+    assert status == 201, (status, session)
+    channel = KernelChannel(jupyter, session["kernel"]["id"])
+    closing.append(channel)
+    channel.run("%load_ext anvil_nb")
+    channel.run(
+        "%%callable\n"
+        "from anvil_nb import server\n"
+        "@server.http_endpoint('/items/:n')\n"
+        "def item(n):\n"
+        "    server.session['seen'] = n\n"
+        "    return {'item': int(n)}\n"
+    )
+    origins = text_of(channel.run("print(server.get_app_origin(), server.get_api_origin())"))
+    app_origin = f"http://127.0.0.1:{jupyter.port}{BASE_URL}anvil/app/shop"
+    assert origins.split() == [app_origin, app_origin + "/_/api"], origins
+    url = app_origin + "/_/api/items/3"
+    refused = requests.get(url, timeout=WAIT)
+    assert refused.status_code == 403, refused.text  # not public: Jupyter's auth first
+    got = requests.get(url, headers={"Authorization": f"token {jupyter.token}"}, timeout=WAIT)
+    assert got.status_code == 200, got.text
+    assert got.json() == {"item": 3}
+    cookie = got.headers["Set-Cookie"]
+    assert f"Path={BASE_URL}anvil/app/shop/" in cookie, cookie
 
 
 def test_the_installed_config_enables_the_extension():

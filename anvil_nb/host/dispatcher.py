@@ -278,8 +278,11 @@ class Host:
     # -----------------------------------------------------------------------------------------
     # Peers
 
-    def attach(self, peer: Peer, greet: bool = True, app: str = DEFAULT_APP) -> None:
-        """Start serving a connection whose handshake succeeded; it gets its own session.
+    def attach(
+        self, peer: Peer, greet: bool = True, app: str = DEFAULT_APP, session_id: str | None = None
+    ) -> None:
+        """Start serving a connection whose handshake succeeded; it gets its own session, or
+        joins the session *session_id* (a browser's cookie session, which outlives it).
 
         With *greet*, the peer is sent the ``auth`` message of the uplink protocol (browsers,
         which have no handshake, are not).
@@ -287,9 +290,12 @@ class Host:
         trusted = peer.kind in TRUSTED_TYPES
         peer.name = f"{peer.kind}-{next(self._peer_ids)}"
         state = self.app(app)
-        record = state.sessions.new(client=dict(peer.client))
+        owned = session_id is None or state.sessions.get(session_id) is None
+        if owned:
+            session_id = state.sessions.new(client=dict(peer.client)).id
         frame = {"type": peer.kind, "protocol-version": protocol.PROTOCOL_VERSION}
-        ps = PeerState(peer, trusted, frame, record.id, state)
+        ps = PeerState(peer, trusted, frame, session_id, state)  # type: ignore[arg-type]
+        ps.owns_session = owned
         self._peers[peer] = ps
         if greet:
             self._send(ps, protocol.auth(peer.kind if trusted else "client", state.app_info))
@@ -313,7 +319,8 @@ class Host:
         for req in list(ps.calls.values()):  # calls it made: their late answers are dropped
             req.caller = None
             self._release(req, late=True)
-        ps.app.sessions.drop(ps.session_id)
+        if ps.owns_session:
+            ps.app.sessions.drop(ps.session_id)
         log.info("%s disconnected", peer.name)
 
     def call_once(

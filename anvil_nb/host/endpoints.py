@@ -43,7 +43,7 @@ from anvil_nb.host.http import (
 from anvil_nb.host.sessions import SessionManager, SessionRecord
 from anvil_nb.host.state import Media
 
-__all__ = ["COOKIE_PREFIX", "EndpointDoor", "Outcome", "cookie_name", "is_cross_site"]
+__all__ = ["COOKIE_PREFIX", "EndpointDoor", "Outcome", "cookie_name", "door_of", "is_cross_site"]
 
 log = logging.getLogger("anvil_nb.host.endpoints")
 
@@ -128,9 +128,22 @@ class EndpointDoor:
             return None
         sessions = self.host.app(app).sessions
         record = sessions.get(session_id)
-        if record is None or not record.persistent or sessions.is_expired(record):
+        if record is None or not record.cookie or sessions.is_expired(record):
             return None
         return record
+
+    def browser_session(
+        self, app: str, cookie: str | None, client: dict[str, Any]
+    ) -> tuple[SessionRecord, str | None]:
+        """The session of a browser's ``_/ws`` connection: its cookie's, else a new one named
+        by a new cookie (kept in memory until it holds something); and the cookie to set.
+        """
+        known = self.cookie_session(app, cookie)
+        if known is not None:
+            return known, None
+        fresh = self.host.app(app).sessions.new(client=client)
+        fresh.cookie = True
+        return fresh, self.cookie_value(app, fresh.id)
 
     # -- requests ------------------------------------------------------------------------------
     async def serve(
@@ -253,8 +266,18 @@ class EndpointDoor:
             if not same_site or not _worth_keeping(final):
                 sessions.drop(final.id)
                 return None
+            final.cookie = True
             sessions.persist(final)
         return self.cookie_value(app, final.id) if same_site else None
+
+
+def door_of(host: Host) -> EndpointDoor:
+    """The host's HTTP door (made on first use; one per host)."""
+    door = getattr(host, "_http_door", None)
+    if door is None:
+        door = EndpointDoor(host)
+        host._http_door = door  # type: ignore[attr-defined]
+    return door
 
 
 def _worth_keeping(record: SessionRecord) -> bool:

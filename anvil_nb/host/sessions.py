@@ -74,6 +74,8 @@ class SessionRecord:
     persistent: bool = False
     #: The id of the user logged in to this session (``anvil_nb.users``), or ``None``.
     user_id: str | None = None
+    #: Named by a browser's cookie: kept in the store (made persistent) once it holds data.
+    cookie: bool = False
 
 
 class SessionStore(ABC):
@@ -216,6 +218,7 @@ class SQLiteSessionStore(SessionStore):
             version=version,
             persistent=True,
             user_id=user_id,
+            cookie=True,  # only cookie sessions are kept
         )
 
     def put(self, record: SessionRecord) -> None:  # noqa: D102
@@ -321,9 +324,12 @@ class SessionManager:
         fresh = SessionRecord(
             id=new_session_id(), data=record.data, client=record.client, created=now,
             last_seen=now, version=record.version, persistent=record.persistent, user_id=user_id,
+            cookie=record.cookie,
         )  # fmt: skip
         with self._lock:
             self._live[fresh.id] = fresh
+        if fresh.cookie and user_id is not None:
+            fresh.persistent = True  # a login is worth keeping
         if fresh.persistent:
             self.store.put(fresh)
         self.drop(record.id)
@@ -367,6 +373,8 @@ class SessionManager:
         record.data = data
         record.version += 1
         record.last_seen = self.clock()
+        if record.cookie:
+            record.persistent = True
         if record.persistent:
             with self._lock:
                 self._unsaved_touch.discard(record.id)

@@ -89,6 +89,8 @@ class PeerState:
     door: bool = False
     #: Logins and sign-ups of this peer waiting for the password pool.
     pending_accounts: int = 0
+    #: Its session is its own and ends with it (a browser's cookie session outlives it).
+    owns_session: bool = True
 
 
 @dataclass(eq=False)

@@ -16,22 +16,20 @@ import tornado.web
 
 from anvil_nb.config import DEFAULT_APP, KeyRing, Keys
 from anvil_nb.host.dispatcher import Host
-from anvil_nb.host.endpoints import EndpointDoor, Outcome, cookie_name, is_cross_site
+from anvil_nb.host.endpoints import Outcome, cookie_name, door_of, is_cross_site
 from anvil_nb.host.http import Incoming, Reply, plain
 
-__all__ = ["ApiHandler", "EndpointServing", "door_of"]
+__all__ = ["ApiHandler", "EndpointServing", "app_root"]
 
 #: Every method an endpoint may be asked for (the endpoint decides which it serves: 405).
 METHODS = ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS")
 
 
-def door_of(host: Host) -> EndpointDoor:
-    """The host's HTTP door (made on first use; one per host)."""
-    door = getattr(host, "_http_door", None)
-    if door is None:
-        door = EndpointDoor(host)
-        host._http_door = door  # type: ignore[attr-defined]
-    return door
+def app_root(path: str, marker: str) -> str:
+    """The path of the app root in a request *path* that ends in ``{marker}...``, which the
+    app's session cookie is scoped to (``/app/books/_/api/x`` -> ``/app/books/``).
+    """
+    return path[: path.index(marker)] if marker in path else "/"
 
 
 @tornado.web.stream_request_body
@@ -119,7 +117,7 @@ class EndpointServing(tornado.web.RequestHandler):
 
     def _write_outcome(self, app: str, outcome: Outcome) -> None:
         if outcome.cookie is not None:
-            path = self.app_root()
+            path = app_root(self.request.path, "_/api/")
             if outcome.cookie:
                 self.set_cookie(
                     cookie_name(app), outcome.cookie, path=path, httponly=True, samesite="Lax",
@@ -128,12 +126,6 @@ class EndpointServing(tornado.web.RequestHandler):
             else:
                 self.clear_cookie(cookie_name(app), path=path)
         self._write_reply(outcome.reply)
-
-    def app_root(self) -> str:
-        """The path of the requested app's root, which its cookie is scoped to."""
-        marker = "_/api/"
-        path = self.request.path
-        return path[: path.index(marker)] if marker in path else "/"
 
     def _write_reply(self, reply: Reply) -> None:
         self.set_status(reply.status)

@@ -38,6 +38,8 @@ from anvil_nb.core.errors import ProtocolError
 from anvil_nb.core.logs import RateLimiter, clip
 from anvil_nb.core.transport import retrieve
 from anvil_nb.host.dispatcher import Host
+from anvil_nb.host.endpoints import cookie_name, door_of
+from anvil_nb.web.api import app_root
 
 __all__ = ["BrowserHandler", "Keys", "UplinkHandler", "WebSocketPeer"]
 
@@ -447,13 +449,32 @@ class BrowserHandler(UplinkHandler):
     """
 
     def prepare(self) -> Awaitable[None] | None:
-        """A 404 before the upgrade for an app route naming an app the host does not have."""
+        """A 404 before the upgrade for an app route naming an app the host does not have;
+        then the browser's cookie session (a new one, and its cookie, if it has none).
+        """
         app = self.path_args[0] if self.path_args else DEFAULT_APP
         if app not in self.keyring.names():
             raise tornado.web.HTTPError(404, f"no app named {app!r}")
+        client = {"type": "browser", "ip": self.request.remote_ip or ""}
+        record, cookie = door_of(self.host).browser_session(
+            app, self.get_cookie(cookie_name(app)), client
+        )
+        self._session_id = record.id
+        if cookie is not None:  # sent with the 101 response
+            self.set_cookie(
+                cookie_name(app), cookie, path=app_root(self.request.path, "_/ws"),
+                httponly=True, samesite="Lax", secure=self.request.protocol == "https",
+            )  # fmt: skip
         return super().prepare()  # Jupyter's handlers authenticate here
+
+    def check_origin(self, origin: str) -> bool:
+        """Only pages of the host's own origin (the App Server answers others 403): the
+        connection carries the browser's cookie session.
+        """
+        return tornado.websocket.WebSocketHandler.check_origin(self, origin)
 
     def open(self, *args: Any, **kwargs: Any) -> None:  # noqa: D102, ARG002
         self.peer = WebSocketPeer(self, "browser", self.request.remote_ip)  # no hello to wait for
         super().open()
-        self.host.attach(self.peer, greet=False, app=args[0] if args else DEFAULT_APP)
+        app = args[0] if args else DEFAULT_APP
+        self.host.attach(self.peer, greet=False, app=app, session_id=self._session_id)
