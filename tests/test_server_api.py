@@ -15,9 +15,9 @@ import pytest
 
 import anvil_nb
 from anvil_nb import server
-from anvil_nb.users import AuthenticationFailed
 from anvil_nb.core.serialise import serialise
 from anvil_nb.media import BlobMedia, Media
+from anvil_nb.users import AuthenticationFailed
 
 # The "Python API" row of DESIGN.md's fixed interfaces, and the reference page's exceptions.
 DESIGN_NAMES = {
