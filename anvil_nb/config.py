@@ -22,11 +22,13 @@ one-time rename of an older ``sessions.sqlite3`` to ``app.sqlite3``).
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import json
 import os
 import re
 import secrets
+import stat
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +48,7 @@ __all__ = [
     "app_folder",
     "app_name",
     "default_data_dir",
+    "private_file",
 ]
 
 #: The uplink URL of the host a kernel joins (set by the Jupyter extension).
@@ -86,6 +89,23 @@ def app_name(text: str) -> str:
     if not name:
         raise ValueError(f"{text!r} does not name an app (letters or digits are needed)")
     return name
+
+
+def private_file(path: Path) -> None:
+    """Make *path* (an empty file if missing) readable and writable by its owner only: an
+    app's database holds session secrets and password hashes.
+
+    Never opens the file when it exists: closing any descriptor of a file drops every POSIX
+    lock this process holds on it, SQLite's included, and another process (``anvil-nb users``
+    while a host runs) could then take the database for its own, checkpoint it and delete the
+    WAL under this process's feet, losing what either wrote.
+    """
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        if os.name == "posix" and stat.S_IMODE(path.stat().st_mode) & 0o077:
+            with contextlib.suppress(PermissionError):  # a file of another user: leave it be
+                path.chmod(0o600)
 
 
 def app_folder(data_dir: Path, app: str) -> Path:

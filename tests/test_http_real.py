@@ -9,6 +9,8 @@ same answers. A browser session's data survives a restart of the host.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -28,6 +30,10 @@ except ImportError:  # an nb agent, where anvil is not importable
 def me():
     u = S.request.user
     return {"email": u["email"], "id": u.get_id()}
+
+@S.route("/routed/:x")
+def routed_by_route(x):
+    return "routed " + x
 
 @S.http_endpoint("/books/:id")
 def book(id, **params):
@@ -125,6 +131,8 @@ def test_endpoints_answer_the_same_from_either_client(spawn: Spawn, host: HostPr
         assert (png.headers["Content-Type"], png.content) == ("image/png", b"\x89PNG-bytes")
         posted = requests.post(api(host, "/json"), json={"a": [1]}, timeout=WAIT)
         assert posted.json() == {"got": {"a": [1]}}
+        # @route: the real client registers route:/..., anvil_nb http:/...; both are served
+        assert requests.get(api(host, "/routed/yes"), timeout=WAIT).text == "routed yes"
     finally:
         agent.stop()
 
@@ -191,6 +199,39 @@ def test_users_from_either_client_and_basic_auth(spawn: Spawn, host: HostProc, m
         assert me.json() == {"email": email, "id": signed[1]}
         refused = requests.get(api(host, "/me"), auth=(email, "wrong"), timeout=WAIT)
         assert refused.status_code == 401
+    finally:
+        agent.stop()
+
+
+def test_users_managed_from_a_shell_log_in_on_the_running_host(spawn: Spawn, host: HostProc):
+    agent = provider(spawn, host, "real")
+    try:
+
+        def users_cli(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                [sys.executable, "-m", "anvil_nb", "users", *args, "--data-dir", str(host.data_dir)],
+                input=stdin, capture_output=True, text=True, timeout=60, check=False,
+            )  # fmt: skip
+
+        added = users_cli("add", "cli@example.com", "--password-stdin", stdin="from the shell\n")
+        assert added.returncode == 0, added.stderr
+        me = requests.get(
+            api(host, "/me"), auth=("cli@example.com", "from the shell"), timeout=WAIT
+        )
+        assert me.status_code == 200, me.text
+        assert me.json()["email"] == "cli@example.com"
+        listed = users_cli("list", "--json")
+        assert "cli@example.com" in listed.stdout and "argon2" not in listed.stdout
+        off = users_cli("disable", "cli@example.com")
+        assert off.returncode == 0, off.stderr
+        refused = agent.run(
+            "result = catch(U.login_with_email, 'cli@example.com', 'from the shell')"
+        )
+        assert refused["raised"] and refused["name"] == "AccountIsNotEnabled", refused
+        gone = requests.get(
+            api(host, "/me"), auth=("cli@example.com", "from the shell"), timeout=WAIT
+        )
+        assert gone.status_code == 401
     finally:
         agent.stop()
 

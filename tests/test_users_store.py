@@ -14,7 +14,10 @@ Every test uses real SQLite files under tmp_path and a clock of its own (no slee
 from __future__ import annotations
 
 import ast
+import concurrent.futures
 import sqlite3
+import subprocess
+import sys
 import stat
 import threading
 from pathlib import Path
@@ -603,3 +606,33 @@ def test_an_existing_app_database_is_never_replaced_by_an_old_sessions_file(tmp_
     (tmp_path / "sessions.sqlite3").write_bytes(b"old")
     assert app_database(tmp_path, DEFAULT_APP).read_bytes() == b"new"
     assert (tmp_path / "sessions.sqlite3").read_bytes() == b"old"
+
+
+def test_a_change_made_by_another_process_is_seen_by_a_host_holding_the_database(tmp_path: Path):
+    """A host holds the app's database open (sessions, and users on a pool thread) while
+    ``anvil-nb users`` changes it from another process: the host sees the change at once, and
+    nothing either wrote is lost. (Opening a store must never open and close a descriptor of
+    the file: that drops the process's SQLite locks, and the other process could then delete
+    the WAL under the host; tests/test_http_real.py caught that end to end.)
+    """
+    path = app_database(tmp_path, DEFAULT_APP)
+    sessions = SQLiteSessionStore(path)  # the host's first connection
+    users = Users(SQLiteUserStore(path), hasher=cheap_hasher())
+    pool = concurrent.futures.ThreadPoolExecutor(1)  # as the host's password pool
+    try:
+        pool.submit(users.signup, "lock@example.com", "the password").result(10)
+        pool.submit(users.login, "lock@example.com", "the password").result(10)
+        other = subprocess.run(
+            [sys.executable, "-m", "anvil_nb", "users", "disable", "lock@example.com", "--data-dir", str(tmp_path)],
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        assert other.returncode == 0, other.stderr
+        with pytest.raises(AccountIsNotEnabled):
+            pool.submit(users.login, "lock@example.com", "the password").result(10)
+    finally:
+        pool.shutdown()
+        users.store.close()
+        sessions.close()
+    assert (
+        not Users(SQLiteUserStore(path), hasher=cheap_hasher()).by_email("lock@example.com").enabled
+    )

@@ -35,6 +35,7 @@ from typing import Any
 
 import orjson
 
+from anvil_nb.config import private_file
 from anvil_nb.core.errors import SessionExpiredError
 
 __all__ = [
@@ -163,6 +164,7 @@ class SQLiteSessionStore(SessionStore):
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        private_file(self.path)  # session secrets: the owner's only
         self._local = threading.local()
         self._connections: list[sqlite3.Connection] = []
         self._lock = threading.Lock()

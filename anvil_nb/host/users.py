@@ -34,10 +34,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
 import secrets
 import sqlite3
-import stat
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -49,6 +47,7 @@ from typing import TypedDict
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 
+from anvil_nb.config import private_file
 from anvil_nb.core.errors import (
     AccountIsNotEnabled,
     AuthenticationFailed,
@@ -233,14 +232,6 @@ def _from_row(row: tuple[object, ...]) -> StoredUser:
     return StoredUser(record, str(password_hash), float(next_attempt))  # type: ignore[arg-type]
 
 
-def _owner_only(path: Path) -> None:
-    """Make *path* (an empty file if missing) readable and writable by its owner only."""
-    os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
-    if os.name == "posix" and stat.S_IMODE(path.stat().st_mode) & 0o077:
-        with contextlib.suppress(PermissionError):  # a file of another user: leave it be
-            path.chmod(0o600)
-
-
 class SQLiteUserStore(UserStore):
     """Users in the ``users`` table of a SQLite file.
 
@@ -260,7 +251,7 @@ class SQLiteUserStore(UserStore):
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        _owner_only(self.path)
+        private_file(self.path)
         self._local = threading.local()
         self._connections: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
