@@ -16,9 +16,9 @@ from __future__ import annotations
 import ast
 import concurrent.futures
 import sqlite3
+import stat
 import subprocess
 import sys
-import stat
 import threading
 from pathlib import Path
 

@@ -128,7 +128,9 @@ class EndpointDoor:
             return None
         sessions = self.host.app(app).sessions
         record = sessions.get(session_id)
-        if record is None or not record.cookie or sessions.is_expired(record):
+        if record is None or not (record.cookie or record.persistent):
+            return None
+        if sessions.is_expired(record):
             return None
         return record
 

@@ -76,6 +76,7 @@ class SessionRecord:
     #: The id of the user logged in to this session (``anvil_nb.users``), or ``None``.
     user_id: str | None = None
     #: Named by a browser's cookie: kept in the store (made persistent) once it holds data.
+    #: (Every persistent session is a cookie session.)
     cookie: bool = False
 
 
@@ -220,7 +221,6 @@ class SQLiteSessionStore(SessionStore):
             version=version,
             persistent=True,
             user_id=user_id,
-            cookie=True,  # only cookie sessions are kept
         )
 
     def put(self, record: SessionRecord) -> None:  # noqa: D102
