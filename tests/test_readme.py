@@ -17,7 +17,7 @@ What the tests change in a block before running it, and nothing else:
   ``bin`` folder, ``--port 3030`` by ``--port 0`` and ``--data-dir <a temporary folder>``
   appended. Its comment lines are the output it must print (stdout or stderr), where
   ``server_...`` and ``client_...`` stand for the generated keys and ``3030`` for the port.
-* ``provider`` and ``real-client`` (Python): ``server_...``, ``client_...`` and ``3030`` become
+* ``provider``, ``real-client`` and ``http-client`` (Python): ``server_...``, ``client_...`` and ``3030`` become
   the keys and port that ``serve`` printed. The provider runs with this venv's Python, the real
   client with this venv's Python and the real ``anvil-uplink`` on ``PYTHONPATH`` (the fixture
   ``anvil_uplink_dir``; the venv itself never has ``anvil``).
@@ -43,6 +43,8 @@ import subprocess
 import sys
 import time
 import tokenize
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,7 +62,7 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 WAIT = 30.0
 MARKER = re.compile(r"<!--\s*readme-test:\s*([\w-]+)(.*?)-->", re.S)
 #: The names a block may carry (``skip`` is not run; each other name is run below).
-NAMES = {"skip", "notebook", "in-process", "serve", "provider", "real-client"}
+NAMES = {"skip", "notebook", "in-process", "serve", "provider", "real-client", "http-client"}
 README_PORT = "3030"
 SERVER_KEY, CLIENT_KEY = "server_...", "client_..."
 
@@ -149,6 +151,7 @@ def test_the_expected_output_is_read_from_the_blocks() -> None:
     # The tests below are only as good as this: every run block promises some output.
     assert printed(the_block("in-process").code) == ["11 2"]
     assert printed(the_block("real-client").code) == ["Hello, Ann! You are a client_uplink caller."]
+    assert printed(the_block("http-client").code) == ['{"greeting":"Hello, Ann!"}']
     assert [shown_value(b.code) for b in blocks_named("notebook")][-1] == "'Hello, Ann!'"
 
 
@@ -359,6 +362,25 @@ def test_network_example_runs_as_written(tmp_path: Path, anvil_uplink_dir: Path,
     )  # fmt: skip
     assert real.returncode == 0, real.stderr
     assert real.stdout.splitlines() == printed(client_code), real.stderr
+
+    def endpoint_served() -> bool:  # registered just after greet, on the same connection
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/_/api/greet/x", timeout=WAIT)
+        except urllib.error.HTTPError as exc:
+            if exc.code != 404:
+                raise
+            return False
+        return True
+
+    wait_until(endpoint_served, WAIT, "the endpoint to be registered")
+    http_code = the_block("http-client").code
+    (tmp_path / "http_client.py").write_text(fill_in(http_code, keys, port))
+    http = subprocess.run(
+        [sys.executable, "http_client.py"], cwd=tmp_path, env=clean_env(),
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert http.returncode == 0, http.stderr
+    assert http.stdout.splitlines() == printed(http_code), http.stderr
 
     # The provider is still serving (wait_forever) until Ctrl-C, which ends it.
     assert provider.proc.poll() is None, Process.rest(provider.stderr)

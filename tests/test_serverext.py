@@ -80,13 +80,23 @@ def anvil_data_dir(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def anvil_config(anvil_data_dir: Path, anvil_public: bool) -> dict[str, Any]:
-    return {
+def anvil_limits() -> dict[str, Any]:
+    return {}
+
+
+@pytest.fixture
+def anvil_config(
+    anvil_data_dir: Path, anvil_public: bool, anvil_limits: dict[str, Any]
+) -> dict[str, Any]:
+    config = {
         "server_key": SERVER_KEY,
         "client_key": CLIENT_KEY,
         "data_dir": str(anvil_data_dir),
         "public": anvil_public,
     }
+    if anvil_limits:
+        config["limits"] = anvil_limits
+    return config
 
 
 @pytest.fixture
@@ -556,6 +566,15 @@ async def test_api_post_with_the_token_reaches_the_host_when_not_public(
 ):
     response = await fetch("api/x", token=token, method="POST", body=b"{}")
     assert response.code == 404, (response.code, response.body)
+
+
+@pytest.mark.parametrize("anvil_public", [True])
+@pytest.mark.parametrize("anvil_limits", [{"max_http_body_bytes": 100}])
+async def test_api_refuses_a_large_body_from_its_headers_inside_jupyter(fetch: Callable[..., Any]):
+    response = await fetch("api/x", method="POST", body=b"x" * 101)
+    assert response.code == 413, (response.code, response.body)
+    assert b"100 bytes" in response.body
+    assert (await fetch("api/x", method="POST", body=b"x" * 100)).code == 404  # reached the host
 
 
 @pytest.mark.parametrize("anvil_public", [True])

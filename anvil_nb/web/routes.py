@@ -101,9 +101,16 @@ def websocket_settings(limits: Limits) -> dict[str, Any]:
     }
 
 
-def make_app(host: Host, keys: Keys | KeyRing, prefix: str = "/") -> tornado.web.Application:
+def _no_access_log(handler: tornado.web.RequestHandler) -> None:  # noqa: ARG001
+    return
+
+
+def make_app(
+    host: Host, keys: Keys | KeyRing, prefix: str = "/", access_log: bool = True
+) -> tornado.web.Application:
     """A tornado application serving *host* under *prefix* (the standalone placement).
 
+    Without *access_log*, requests are not logged (tornado logs each one otherwise).
     Frames larger than the host's ``limits.max_frame_bytes`` close the connection (larger data
     goes as Media). Pings every ``limits.ping_interval`` seconds find dead and frozen peers
     (within ``ping_interval + ping_timeout``); the real client answers them. Serve it with
@@ -116,4 +123,7 @@ def make_app(host: Host, keys: Keys | KeyRing, prefix: str = "/") -> tornado.web
         (prefix, StatusPageHandler, kwargs),
         (_join(prefix, APP), StatusPageHandler, kwargs),
     ]
-    return tornado.web.Application(table, **websocket_settings(host.limits))
+    settings = websocket_settings(host.limits)
+    if not access_log:
+        settings["log_function"] = _no_access_log
+    return tornado.web.Application(table, **settings)

@@ -74,15 +74,16 @@ class HostService:
         """The host's routes under *prefix*, for an application of someone else's (Jupyter)."""
         return routes(self.host, self.keyring, prefix, handlers, public=public)
 
-    def listen(self, address: str = "127.0.0.1", port: int = 0) -> int:
+    def listen(self, address: str = "127.0.0.1", port: int = 0, access_log: bool = True) -> int:
         """Serve the host's routes (and its front door) on *address*; return the bound port.
 
         The listener bounds what a connection may cost before the upgrade too (see
-        :mod:`anvil_nb.web.listener`), and the host's origin becomes this address.
+        :mod:`anvil_nb.web.listener`), and the host's origin becomes this address. Without
+        *access_log* no request is logged (a kernel's host: its log is the notebook's output).
         """
         sockets = tornado.netutil.bind_sockets(port, address)
         self._http = HTTPServer(
-            make_app(self.host, self.keyring, "/"),
+            make_app(self.host, self.keyring, "/", access_log=access_log),
             limits=self.limits,
             max_body_size=self.limits.max_frame_bytes,
         )
@@ -131,7 +132,7 @@ def listen_embedded(
 
     def start() -> HostService:
         service = HostService(KeyRing.of(keys), host_thread.host)
-        service.listen(address, port)
+        service.listen(address, port, access_log=False)
         service.start()
         host_thread.on_stop = service.stop
         return service
