@@ -463,6 +463,27 @@ def test_http_endpoints_in_a_callable_cell_are_served_at_the_api_origin(kernel):
     assert requests.get(api_origin + "/k-greet/bo", timeout=WAIT).text == "hello bo"
 
 
+def test_a_kernel_s_endpoints_with_basic_auth_against_its_users_and_cors(kernel):
+    kernel.run_ok(
+        callable_cell("""
+        from anvil_nb import users
+        @server.http_endpoint("/k-me", authenticate_users=True, enable_cors=True)
+        def k_me():
+            return {"email": server.request.user["email"]}
+        """)
+    )
+    kernel.run_ok("users.signup_with_email('kim@example.com', 'kernel password')\nusers.logout()")
+    url = kernel.value("result = server.get_api_origin()") + "/k-me"
+    assert requests.get(url, timeout=WAIT).status_code == 401
+    assert requests.get(url, auth=("kim@example.com", "wrong"), timeout=WAIT).status_code == 401
+    ok = requests.get(url, auth=("kim@example.com", "kernel password"), timeout=WAIT)
+    assert ok.json() == {"email": "kim@example.com"}
+    assert ok.headers["Access-Control-Allow-Origin"] == "*"
+    pre = requests.options(url, headers={"Origin": "https://a.example"}, timeout=WAIT)
+    assert pre.status_code == 200
+    assert pre.headers["Access-Control-Allow-Origin"] == "*"
+
+
 # ---------------------------------------------------------------------------------------------
 # 3. Re-running, options, errors, async
 
