@@ -392,6 +392,15 @@ def test_a_browser_websocket_shares_the_cookie_session_with_endpoints(net: NetHo
     assert refused.value.response.status_code == 403
 
 
+def test_a_websocket_s_cookie_session_that_holds_nothing_ends_with_it(net: NetHost):
+    ws_url = f"ws://127.0.0.1:{net.port}/_/ws"
+    with ws_connect(ws_url, open_timeout=TIMEOUT) as ws:
+        session_id = ws.response.headers["Set-Cookie"].split("=", 1)[1].split(".", 1)[0]
+        assert net.ht.run(net.host.sessions.get, session_id) is not None
+    # memory only and unused: dropped when its only connection closes, not left to expire
+    wait_until(lambda: net.ht.run(net.host.sessions.get, session_id) is None, TIMEOUT, "the drop")
+
+
 # ---------------------------------------------------------------------------------------------
 # The pure parts
 

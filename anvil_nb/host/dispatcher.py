@@ -319,9 +319,21 @@ class Host:
         for req in list(ps.calls.values()):  # calls it made: their late answers are dropped
             req.caller = None
             self._release(req, late=True)
-        if ps.owns_session:
+        if ps.owns_session or self._unused_cookie_session(ps):
             ps.app.sessions.drop(ps.session_id)
         log.info("%s disconnected", peer.name)
+
+    def _unused_cookie_session(self, ps: PeerState) -> bool:
+        """Whether the cookie session a leaving browser used holds nothing worth keeping (it
+        never stored data or a login, so it was never written) and no other connection is in
+        it: it is dropped rather than left in memory until it expires.
+        """
+        record = ps.app.sessions.get(ps.session_id)
+        return (
+            record is not None
+            and not record.persistent
+            and not any(p.session_id == ps.session_id for p in self._peers.values())
+        )
 
     def call_once(
         self,
