@@ -88,16 +88,19 @@ __all__ = [
     "disconnect",
     "get_api_origin",
     "get_app_origin",
+    "get_background_task",
     "get_session_id",
     "http_endpoint",
     "is_app_online",
     "launch_background_task",
+    "list_background_tasks",
     "no_loading_indicator",
     "portable_class",
     "request",
     "reset_session",
     "route",
     "session",
+    "task_killed",
     "task_state",
     "unwrap_capability",
     "wait_forever",
@@ -411,10 +414,6 @@ class FormResponse:
         self.kwargs = kwargs
 
 
-def _later(feature: str) -> NotImplementedError:
-    return NotImplementedError(f"{feature} is not available yet in this version of anvil_nb")
-
-
 def http_endpoint(
     path: str,
     methods: list[str] | None = None,
@@ -477,16 +476,89 @@ def _mark(fn: Any, name: str) -> None:
 route = http_endpoint
 
 
-def background_task(fn: Any = None, /, **options: Any) -> Any:
-    """Register a function that can run as a background task."""
-    raise _later("@server.background_task (background tasks)")
+def background_task(fn_or_name: Any = None, /) -> Any:
+    """Register a function that can run as a background task (``task:NAME`` on the wire).
+
+    Use it as ``@background_task`` or ``@background_task("name")``; launch it with
+    :func:`launch_background_task`. While it runs, :data:`task_state` is a dict it assigns
+    into (readable live by whoever holds the task), and ``server.context.background_task_id``
+    is its id.
+    """
+
+    def decorate(fn: F, name: str | None = None) -> F:
+        registered = "task:" + (name or fn.__name__)
+        functions.register(registered, fn)
+        _mark(fn, registered)
+        return fn
+
+    if isinstance(fn_or_name, str) or fn_or_name is None:
+        return lambda fn: decorate(fn, fn_or_name)
+    return decorate(fn_or_name)
 
 
 def launch_background_task(fn_name: str, *args: Any, **kwargs: Any) -> Any:
-    """Launch a background task and return its task object at once."""
-    raise _later("server.launch_background_task (background tasks)")
+    """Start the background task *fn_name* in a new session and return its task object at once.
+
+    The task object has the methods of Anvil's ``BackgroundTask``: ``get_id``, ``get_state``,
+    ``get_return_value``, ``get_error``, ``get_termination_status`` (``None``, ``"completed"``,
+    ``"failed"``, ``"killed"`` or ``"missing"``), ``is_running``, ``is_completed``,
+    ``get_task_name``, ``get_start_time`` and ``kill``. Server code only (others get
+    ``BackgroundTaskError``).
+    """
+    return call("anvil.private.background_tasks.launch", fn_name, *args, **kwargs)
 
 
-def task_state() -> Any:
-    """The state of the background task this code runs in."""
-    raise _later("server.task_state (background tasks)")
+def list_background_tasks(all_environments: bool = False) -> list[Any]:
+    """Every background task of this app the host keeps a record of (newest first)."""
+    return call("anvil.private.background_tasks.list", all_environments=all_environments)
+
+
+def get_background_task(task_id: str) -> Any:
+    """The task object of the background task *task_id* (``BackgroundTaskNotFound`` if none)."""
+    return call("anvil.private.background_tasks.get_by_id", task_id)
+
+
+def task_killed() -> bool:
+    """Whether the background task this code runs in has been killed.
+
+    A kill stops a task at its next Python bytecode; a task that waits in C code (a long
+    ``time.sleep``, a blocking read) can check this between shorter waits. False outside a task.
+    """
+    run = getattr(current_call(), "task", None)
+    return bool(run is not None and run.killed)
+
+
+class _TaskStateProxy(MutableMapping[str, Any]):
+    """``server.task_state``: the state of the background task this code runs in."""
+
+    def _data(self) -> dict[str, Any]:
+        run = getattr(current_call(), "task", None)
+        if run is None:
+            raise RuntimeError("server.task_state is only available inside a background task")
+        return run.state
+
+    def __getitem__(self, key: str) -> Any:
+        return self._data()[key]
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        self._data()[key] = value
+
+    def __delitem__(self, key: str) -> None:
+        del self._data()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(dict(self._data()))
+
+    def __len__(self) -> int:
+        return len(self._data())
+
+    def __repr__(self) -> str:
+        run = getattr(current_call(), "task", None)
+        if run is None:
+            return "<server.task_state (outside a background task)>"
+        return f"<server.task_state {run.state!r}>"
+
+
+#: The state of the background task this code runs in: a dict it assigns into
+#: (``server.task_state["progress"] = 0.5``), plain JSON values only.
+task_state: MutableMapping[str, Any] = _TaskStateProxy()

@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from anvil_nb.client import capture
+from anvil_nb.client.tasks import TaskRun, kill, run_task
 from anvil_nb.core import protocol
 from anvil_nb.core.capability import Capability, scope_key
 from anvil_nb.core.context import CallContext
@@ -227,6 +228,8 @@ class CallState:
     session_blob: Any = None
     #: The HTTP request an endpoint call serves (``server.request``), set by its wrapper.
     request: Any = None
+    #: The background task this call runs (``server.task_state``), or ``None``.
+    task: TaskRun | None = None
     _session: dict[str, Any] | None = field(default=None, repr=False)
 
     @property
@@ -318,6 +321,9 @@ class Client:
         #: Capture what calls print (see :mod:`anvil_nb.client.capture`; kernels turn it on).
         self.capture_output = False
         self._pending: dict[str, _Pending] = {}
+        #: The background tasks this process runs now, by the host's request id.
+        self._tasks: dict[str, TaskRun] = {}
+        self._handlers = self._message_handlers()
         self._id_prefix = secrets.token_hex(4) + "-"
         self._ids = itertools.count(1)
         self._pool = concurrent.futures.ThreadPoolExecutor(
@@ -449,31 +455,53 @@ class Client:
 
     # -- incoming ------------------------------------------------------------------------------
     def _on_message(self, msg: dict[str, Any], media: Mapping[str, bytes]) -> None:
-        kind = protocol.kind_of(msg)
-        if kind == "response":
-            rid = msg["id"]
-            pending = self._pending.pop(rid, None) if isinstance(rid, str) else None
-            if pending is not None:
-                pending.set_result((msg, media))
-            else:
-                log.debug("response for unknown call id %s dropped", clip(rid))
-        elif kind == "CALL":
-            try:
-                self._pool.submit(
-                    contextvars.Context().run, self._serve, msg, media, self._generation
-                )
-            except RuntimeError:  # the pool is shut down: we are closing
-                log.debug("call %s dropped: client closing", clip(msg.get("id")))
-        elif kind == "auth":
-            self._on_auth(msg)
-        elif kind == "fatal":
-            self._on_fatal(msg)
-        elif kind == "output":
-            log.info("Anvil server output: %s", clip(msg.get("output")))
-        elif kind == "EVENT":  # pushed by the host after anvil.private.watch_events
-            self._on_events(msg.get("events"))
-        else:
+        handler = self._handlers.get(protocol.kind_of(msg))
+        if handler is None:
             _quiet.warning(log, "unrecognised", "unrecognised message from the host: %s", clip(msg))
+        else:
+            handler(msg, media)
+
+    def _message_handlers(self) -> dict[str, Callable[[dict[str, Any], Mapping[str, bytes]], None]]:
+        return {
+            "response": self._on_response,
+            "CALL": self._on_call,
+            "LAUNCH_BACKGROUND": self._on_launch,
+            "GET_TASK_STATE": lambda msg, _: self._answer_task_state(msg),
+            "KILL_TASK": lambda msg, _: self._on_kill(msg),
+            "auth": lambda msg, _: self._on_auth(msg),
+            "fatal": lambda msg, _: self._on_fatal(msg),
+            "output": lambda msg, _: log.info("Anvil server output: %s", clip(msg.get("output"))),
+            # pushed by the host after anvil.private.watch_events
+            "EVENT": lambda msg, _: self._on_events(msg.get("events")),
+        }
+
+    def _on_response(self, msg: dict[str, Any], media: Mapping[str, bytes]) -> None:
+        rid = msg["id"]
+        pending = self._pending.pop(rid, None) if isinstance(rid, str) else None
+        if pending is not None:
+            pending.set_result((msg, media))
+        else:
+            log.debug("response for unknown call id %s dropped", clip(rid))
+
+    def _on_call(self, msg: dict[str, Any], media: Mapping[str, bytes]) -> None:
+        try:
+            self._pool.submit(contextvars.Context().run, self._serve, msg, media, self._generation)
+        except RuntimeError:  # the pool is shut down: we are closing
+            log.debug("call %s dropped: client closing", clip(msg.get("id")))
+
+    def _on_launch(self, msg: dict[str, Any], media: Mapping[str, bytes]) -> None:
+        """A background task: it runs on a thread of its own, never on a worker calls need."""
+        threading.Thread(
+            target=contextvars.Context().run,
+            args=(self._serve, msg, media, self._generation),
+            name=f"anvil_nb-task-{clip(msg.get('id'), 40)}",
+            daemon=True,
+        ).start()
+
+    def _on_kill(self, msg: dict[str, Any]) -> None:
+        run = self._tasks.get(str(msg.get("task")))
+        if run is not None and kill(run):
+            log.info("background task %s killed", clip(msg.get("task")))
 
     def _on_events(self, bodies: Any) -> None:
         """Put the host's events (of calls and sessions this client was no party to) on
@@ -547,28 +575,13 @@ class Client:
             self, rid, command, context, msg.get("session-id"), generation=generation,
             session_blob=msg.get("sessionData"),
         )  # fmt: skip
+        if msg.get("type") == "LAUNCH_BACKGROUND":
+            state.task = self._tasks[rid] = TaskRun(rid)
         _current.set(state)
         if self.capture_output:
             state.output = capture.start_capture()
         try:
-            _check_received(msg.get("objects"), protocol.CALL_ROOTS, "The call was refused")
-            _check_session(msg.get("sessionData"), "The call was refused")
-            entry = self.functions.lookup(command)
-            if entry is None:
-                raise NoServerFunctionError(
-                    f'No server function matching "{command}" has been registered'
-                )
-            deserialise(
-                msg,
-                media=media,
-                remote_is_trusted=trusted,
-                capabilities=state.capabilities,
-                fetch_media=self._fetch_media,
-            )
-            for cap in state.capabilities:
-                cap._validity = self._capability_is_valid
-            if entry.require_user:
-                check_user(self, entry.name, entry.require_user)
+            entry = self._prepare(state, msg, media, trusted)
             args, kwargs = msg.get("args") or [], msg.get("kwargs") or {}
             if self.events.active:
                 self.events.emit(CallStarted(
@@ -585,11 +598,41 @@ class Client:
                     ctx.run, loop.create_task, self._finish_async(state, coro, trusted, started)
                 )
                 return
-            result = entry.fn(*args, **kwargs)
+            if state.task is not None:
+                result, failed = run_task(state.task, entry.fn, args, kwargs)
+                if failed is not None:
+                    raise failed
+            else:
+                result = entry.fn(*args, **kwargs)
         except BaseException as exc:
             self._finish(state, trusted, started, error=exc)
             return
         self._finish(state, trusted, started, result=result)
+
+    def _prepare(
+        self, state: CallState, msg: dict[str, Any], media: Mapping[str, bytes], trusted: bool
+    ) -> Registered:
+        """Check a call that came in and rebuild its values; the function that serves it."""
+        _check_received(msg.get("objects"), protocol.CALL_ROOTS, "The call was refused")
+        _check_session(msg.get("sessionData"), "The call was refused")
+        entry = self.functions.lookup(state.command)
+        if entry is None:
+            raise NoServerFunctionError(
+                f'No server function matching "{state.command}" has been registered'
+            )
+        deserialise(
+            msg,
+            media=media,
+            remote_is_trusted=trusted,
+            capabilities=state.capabilities,
+            fetch_media=self._fetch_media,
+            live_call=self._live_call,
+        )
+        for cap in state.capabilities:
+            cap._validity = self._capability_is_valid
+        if entry.require_user:
+            check_user(self, entry.name, entry.require_user)
+        return entry
 
     async def _finish_async(
         self, state: CallState, coro: Any, trusted: bool, started: float
@@ -618,6 +661,11 @@ class Client:
                 error = exc
         if error is not None:
             msg, media = protocol.error_message(state.request_id, error_to_wire(error)), {}
+        if state.task is not None:
+            self._tasks.pop(state.request_id, None)
+            task_state = _plain_state(state.task)
+            if task_state is not None:
+                msg["taskState"] = task_state
         # Events first, so that whoever watches has the outcome before the caller has it.
         if self.events.active:
             self._emit_finished(state, started, result, error)
@@ -684,6 +732,24 @@ class Client:
             log.info("the answer to %s was dropped: %s", clip(state.request_id), exc)
         except Exception:
             log.exception("could not send the response to %s", clip(state.request_id))
+
+    def _answer_task_state(self, msg: dict[str, Any]) -> None:
+        """``GET_TASK_STATE``: the state of a task this process runs (PROTOCOL.md §8)."""
+        run = self._tasks.get(str(msg.get("task")))
+        qid = msg.get("id")
+        if run is None:
+            error = {"type": "anvil.server.NotRunningTask", "message": "No such task running"}
+            self._send_quietly({"id": qid, "error": error})
+            return
+        state = _plain_state(run)
+        if state is None:
+            error = {
+                "type": "anvil.server.SerializationError",
+                "message": "server.task_state holds a value that cannot be sent (plain JSON only, at most 1 MiB)",
+            }
+            self._send_quietly({"id": qid, "error": error})
+            return
+        self._send_quietly({"id": qid, "response": state, "objects": []})
 
     def _fetch_media(self, spec: dict[str, Any]) -> Any:
         """The bytes of a ``LazyMedia`` that came by this connection, from the host that sent it."""
@@ -776,6 +842,17 @@ class Client:
         msg, media = await asyncio.wrap_future(pending)
         return self._result(pending, msg, media)
 
+    def _live_call(self, spec: dict[str, Any], method: str, *args: Any, **kwargs: Any) -> Any:
+        """Call *method* of the live object *spec* (``task.get_state()``) on the host."""
+        target = {k: spec.get(k) for k in ("backend", "id", "mac", "permissions")}
+        pending = self.send_call(
+            f"{spec.get('backend')}.{method}",
+            args,
+            kwargs,
+            live_object={**target, "method": method},
+        )
+        return self._result(pending, *pending.result())
+
     def send_call(
         self,
         command: str,
@@ -783,11 +860,13 @@ class Client:
         kwargs: dict[str, Any],
         *,
         wait: bool = True,
+        live_object: dict[str, Any] | None = None,
     ) -> _Pending:
         """Send a CALL; the returned future resolves to the raw response and its media.
 
         With *wait*, a call made while the connection is down waits for it (at most
-        ``offline_wait`` seconds); without, it fails at once.
+        ``offline_wait`` seconds); without, it fails at once. With *live_object*, the call is
+        a method of that live object (``liveObjectCall``; *command* only names it in events).
         """
         if not isinstance(command, str):
             raise TypeError(f"The function name must be a str, not {type(command).__name__}")
@@ -812,6 +891,9 @@ class Client:
             vt_global=enc.message.get("vt_global"),
             session_data=state.session_on_wire() if nested else None,  # type: ignore[union-attr]
         )
+        if live_object is not None:
+            del msg["command"]
+            msg["liveObjectCall"] = live_object
         media = {mid: m.get_bytes() for mid, m in enc.media} if enc.media else None
         pending = _Pending()
         pending.caps = enc.capabilities
@@ -865,6 +947,7 @@ class Client:
                 remote_is_trusted=True,
                 capabilities=caps,
                 fetch_media=self._fetch_media,
+                live_call=self._live_call,
             )
         except Exception as exc:
             self._emit_made(pending, error=exc)
@@ -889,6 +972,21 @@ class Client:
                     self.events.emit(CapabilityUpdated(
                         time.time(), pending.call_id, key, updates[key], "received"
                     ))  # fmt: skip
+
+
+#: The largest ``task_state`` sent to the host (encoded).
+MAX_TASK_STATE_BYTES = 1024 * 1024
+
+
+def _plain_state(run: TaskRun) -> dict[str, Any] | None:
+    """A copy of a task's state that can go on the wire (plain JSON, bounded), or ``None``."""
+    with run.lock:
+        state = dict(run.state)
+    try:
+        size = len(protocol.encode(state))
+    except ProtocolError:
+        return None
+    return state if size <= MAX_TASK_STATE_BYTES else None
 
 
 def _check_session(blob: Any, where: str) -> None:

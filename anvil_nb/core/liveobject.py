@@ -9,6 +9,8 @@ the list is the same; both directions remember the list per backend per message.
 
 from __future__ import annotations
 
+import functools
+import json
 from typing import Any
 
 __all__ = ["LiveObjectProxy"]
@@ -17,12 +19,24 @@ __all__ = ["LiveObjectProxy"]
 class LiveObjectProxy:
     """A live object's spec: ``backend``, ``id``, ``mac``, ``permissions``, ``methods``, ..."""
 
-    __slots__ = ("_items", "_spec")
+    __slots__ = ("_call", "_items", "_spec")
 
     def __init__(self, spec: dict[str, Any], items: dict[str, Any] | None = None):
         self._spec = spec
         #: The ``itemCache`` values, read (the spec keeps them as they travel).
         self._items = items if items is not None else {}
+        #: How its methods are called (``call(spec, method, *args, **kwargs)``), when it came
+        #: over a connection that can call them.
+        self._call: Any = None
+
+    def __getattr__(self, name: str) -> Any:
+        # Its methods (``task.get_state()``), called on the host that made it.
+        if name.startswith("_"):
+            raise AttributeError(name)
+        call = self._call
+        if call is None or name not in (self._spec.get("methods") or ()):
+            raise AttributeError(f"this {self._spec.get('backend')} has no method {name!r}")
+        return functools.partial(call, self._spec, name)
 
     @property
     def backend(self) -> str:
@@ -30,8 +44,16 @@ class LiveObjectProxy:
         return str(self._spec.get("backend"))
 
     def get_id(self) -> Any:
-        """The object's id (a user row's is the user's id)."""
-        return self._spec.get("id")
+        """The object's id (a user row's is the user's id; a background task's is sent
+        JSON-encoded, and is given here as it was made).
+        """
+        task_id = self._spec.get("id")
+        if self._spec.get("backend") == "anvil.private.BackgroundTask" and isinstance(task_id, str):
+            try:
+                return json.loads(task_id)
+            except ValueError:
+                return task_id
+        return task_id
 
     def __getitem__(self, key: str) -> Any:
         if key not in self._items:

@@ -69,6 +69,8 @@ Kind = Literal[
     "EVENT",
     "CALL",
     "LAUNCH_BACKGROUND",
+    "GET_TASK_STATE",
+    "KILL_TASK",
     "REGISTER",
     "UNREGISTER",
     "CHUNK_HEADER",
@@ -114,7 +116,17 @@ def encode(msg: dict[str, Any]) -> bytes:
 
 #: The message kinds a frame names in its ``type`` field.
 _TYPED_KINDS = frozenset(
-    {"CALL", "LAUNCH_BACKGROUND", "REGISTER", "UNREGISTER", "CHUNK_HEADER", "MEDIA_ERROR", "EVENT"}
+    {
+        "CALL",
+        "LAUNCH_BACKGROUND",
+        "GET_TASK_STATE",
+        "KILL_TASK",
+        "REGISTER",
+        "UNREGISTER",
+        "CHUNK_HEADER",
+        "MEDIA_ERROR",
+        "EVENT",
+    }
 )
 
 

@@ -417,6 +417,7 @@ def deserialise(
     remote_is_trusted: bool = True,
     capabilities: list[Capability] | None = None,
     fetch_media: Callable[[dict[str, Any]], Media] | None = None,
+    live_call: Callable[..., Any] | None = None,
 ) -> None:
     """Rebuild, in place, the values of a freshly decoded message.
 
@@ -434,6 +435,9 @@ def deserialise(
     fetch_media : callable, optional
         How a ``LazyMedia`` rebuilt here fetches its bytes (over the connection it came by):
         ``fetch_media(spec) -> Media``. Without it, ``get_bytes()`` on one raises.
+    live_call : callable, optional
+        How a live object rebuilt here calls its methods (over the connection it came by):
+        ``live_call(spec, method, *args, **kwargs)``. Without it, its methods are not there.
 
     Raises
     ------
@@ -446,7 +450,7 @@ def deserialise(
         return
     if not isinstance(objects, list):
         raise SerializationError(f"'objects' must be a list, not {type(objects).__name__}")
-    reading = _Reading(fetch_media)
+    reading = _Reading(fetch_media, live_call)
     if vt_global is not None:
         message["vt_global"] = vt_global  # entries may point into it; removed again below
     try:
@@ -581,10 +585,15 @@ def _read_data_media(entry: dict[str, Any], media: Mapping[str, bytes] | None, *
 class _Reading:
     """What the readers of one message share: the LiveObject methods seen, the media fetcher."""
 
-    __slots__ = ("fetch_media", "lo_methods")
+    __slots__ = ("fetch_media", "live_call", "lo_methods")
 
-    def __init__(self, fetch_media: Callable[[dict[str, Any]], Media] | None):
+    def __init__(
+        self,
+        fetch_media: Callable[[dict[str, Any]], Media] | None,
+        live_call: Callable[..., Any] | None = None,
+    ):
         self.fetch_media = fetch_media
+        self.live_call = live_call
         self.lo_methods: dict[str, Any] = {}
 
 
@@ -613,7 +622,9 @@ def _read_live_object(entry: dict[str, Any], reading: _Reading) -> LiveObjectPro
             kinds = value.get("type") if isinstance(value, dict) else None
             reader = next((_READERS[k] for k in kinds or () if k in _READERS), None)
             items[key] = reader(value, None, reading) if reader is not None else value
-    return LiveObjectProxy._from_wire(entry, reading.lo_methods, items)
+    proxy = LiveObjectProxy._from_wire(entry, reading.lo_methods, items)
+    proxy._call = reading.live_call
+    return proxy
 
 
 def cache_entry(value: Any) -> dict[str, Any]:

@@ -38,7 +38,7 @@ import logging
 import os
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -78,10 +78,13 @@ from anvil_nb.core.limits import DEFAULT_LIMITS, Limits
 from anvil_nb.core.logs import RateLimiter, clip
 from anvil_nb.host.accounts import COMMANDS as ACCOUNT_COMMANDS
 from anvil_nb.host.accounts import ROW_BACKEND, Accounts
+from anvil_nb.host.background import TASK_COMMANDS, TaskRouting
 from anvil_nb.host.http import ENDPOINT_PREFIXES
 from anvil_nb.host.registry import Registry
 from anvil_nb.host.sessions import SessionManager, SessionRecord, SQLiteSessionStore
 from anvil_nb.host.state import AppState, Media, Peer, PeerState, Request, parent_request
+from anvil_nb.host.tasks import BACKEND as TASK_BACKEND
+from anvil_nb.host.tasks import MemoryTaskStore, SQLiteTaskStore
 
 __all__ = ["MAX_CALL_DEPTH", "AppState", "Host", "Peer"]
 
@@ -90,8 +93,8 @@ log = logging.getLogger("anvil_nb.host.dispatcher")
 #: Calls nested deeper than this fail with StackOverflow (as on Anvil).
 MAX_CALL_DEPTH = 10
 
-#: Logins and sign-ups one connection may have waiting at once.
-MAX_ACCOUNT_CALLS = 4
+#: Calls the host answers later (logins, a task's state) one connection may have waiting.
+MAX_ASYNC_CALLS = 4
 
 
 #: Events kept for one watcher between two pushes (one turn of the loop); more are dropped.
@@ -126,7 +129,7 @@ def load_secret(path: Path) -> bytes:
     return secret
 
 
-class Host:
+class Host(TaskRouting):
     """Routes calls between peers.
 
     Parameters
@@ -229,12 +232,17 @@ class Host:
             if self._data_dir is not None:
                 store = SQLiteSessionStore(app_database(self._data_dir, name))
             sessions = SessionManager(store)
+        if self._data_dir is not None:
+            tasks: Any = SQLiteTaskStore(app_database(self._data_dir, name))
+        else:
+            tasks = MemoryTaskStore()
+        tasks.mark_missing(time.time())  # tasks of an earlier run of the host ran no more
         info = app_info or {
             "id": "anvil_nb" if name == DEFAULT_APP else name,
             "branch": "master",
             "environment": {"description": "Notebook", "tags": []},
         }
-        return AppState(name, sessions, info)
+        return AppState(name, sessions, info, tasks=tasks)
 
     # The app ``default``'s parts, as a host of one app has them.
     @property
@@ -425,6 +433,7 @@ class Host:
             self.detach(peer)
         for state in self.apps.values():
             state.sessions.close()
+            state.tasks.close()
         self.accounts.close()
 
     @property
@@ -524,7 +533,7 @@ class Host:
             raise ProtocolError("a CALL needs a string 'id'")
         try:
             if "command" not in msg and "liveObjectCall" in msg:
-                self._send(ps, protocol.response(call_id, self._live_object_call(ps, msg), []))
+                self._live_object_call(ps, call_id, msg)
             else:
                 self._route(ps, call_id, msg, media)
         except ProtocolError as exc:  # a malformed call: it fails alone, named for the caller
@@ -539,17 +548,11 @@ class Host:
         self._admit(ps)
         parent = parent_request(ps, msg)
         session_id, stack, client = self._place(ps, parent, command)
-        handler = self._private.get(command)
-        if handler is not None and command in _SESSIONLESS:  # keep-alives do not touch sessions
-            self._send(ps, protocol.response(call_id, handler(ps, msg, None), []))
+        if command.startswith("anvil.private.") and self._answer_privately(
+            ps, call_id, command, msg, session_id, parent
+        ):
             return
         record = self._session_for(ps, session_id, parent)
-        if command in ACCOUNT_COMMANDS:
-            self._start_account_call(ps, call_id, command, msg, record)
-            return
-        if handler is not None:
-            self._send(ps, protocol.response(call_id, handler(ps, msg, record), []))
-            return
         objects = protocol.check_objects(msg.get("objects"), protocol.CALL_ROOTS)
         caps_in = self._check_capabilities(objects, record, ps.trusted)
         adopts = parent is not None and ps.trusted and isinstance(msg.get("sessionData"), dict)
@@ -622,6 +625,31 @@ class Host:
             )
             self._publish(ps.app, event, ps, provider)
 
+    def _answer_privately(
+        self,
+        ps: PeerState,
+        call_id: Any,
+        command: str,
+        msg: dict[str, Any],
+        session_id: str,
+        parent: Request | None,
+    ) -> bool:
+        """Answer a private function the host serves itself (False: not one of those)."""
+        handler = self._private.get(command)
+        if handler is not None and command in _SESSIONLESS:  # keep-alives do not touch sessions
+            self._send(ps, protocol.response(call_id, handler(ps, msg, None), []))
+            return True
+        if handler is None and command not in ACCOUNT_COMMANDS and command not in TASK_COMMANDS:
+            return False
+        record = self._session_for(ps, session_id, parent)
+        if command in ACCOUNT_COMMANDS:
+            self._start_async(ps, call_id, command, self._account_call(ps, command, msg, record))
+        elif command in TASK_COMMANDS:
+            self._task_command(ps, call_id, msg)
+        else:
+            self._send(ps, protocol.response(call_id, handler(ps, msg, record), []))  # type: ignore[misc]
+        return True
+
     @staticmethod
     def _place(
         ps: PeerState, parent: Request | None, command: str
@@ -692,7 +720,16 @@ class Host:
 
     def _on_response(self, ps: PeerState, msg: dict[str, Any], media: Media | None) -> None:
         rid = msg["id"]
+        query = ps.queries.pop(rid, None) if type(rid) is str else None
+        if query is not None:  # GET_TASK_STATE, asked by a task's watcher
+            if not query.done():
+                query.set_result(msg)
+            return
         req = ps.served.get(rid) if type(rid) is str else None
+        if req is not None and req.task is not None:
+            self._end_task(req, msg, media)
+            self._release(req, None)
+            return
         if req is None:
             if type(rid) is str and self._late.pop(rid, False) is None:
                 return  # released earlier (timed out, caller gone): its answer comes too late
@@ -809,6 +846,8 @@ class Host:
         from the provider is dropped quietly.
         """
         req.provider.served.pop(req.id, None)
+        if req.task is not None and error is not None:  # its provider was lost
+            self._finish_task(req, "missing")
         if req.timer is not None:
             req.timer.cancel()
             req.timer = None
@@ -925,35 +964,51 @@ class Host:
     # -----------------------------------------------------------------------------------------
     # Users (anvil.private.users.*): password work runs on the accounts' pool, off this loop
 
-    def _live_object_call(self, ps: PeerState, msg: dict[str, Any]) -> Any:
-        """A ``liveObjectCall``: ``get_id()`` of a user row is the one this host serves."""
+    def _live_object_call(self, ps: PeerState, call_id: Any, msg: dict[str, Any]) -> None:
+        """A ``liveObjectCall``: a background task's methods, and ``get_id()`` of a user row."""
         spec = msg.get("liveObjectCall")
         backend = spec.get("backend") if isinstance(spec, dict) else None
-        if backend == ROW_BACKEND and spec.get("method") == "get_id":  # type: ignore[union-attr]
-            return self.accounts.row_id(ps.app.name, spec)
-        raise PermissionDenied(
-            f"Live objects of backend {clip(backend)} are not served by this host"
-        )
-
-    def _start_account_call(
-        self, ps: PeerState, call_id: Any, command: str, msg: dict[str, Any], rec: SessionRecord
-    ) -> None:
-        if ps.pending_accounts >= MAX_ACCOUNT_CALLS:
-            raise QuotaExceededError(
-                f"Too many logins in progress on this connection (at most {MAX_ACCOUNT_CALLS})"
+        if backend == TASK_BACKEND:
+            self._start_async(ps, call_id, "a background task", self._task_live_call(ps, msg))
+        elif backend == ROW_BACKEND and spec.get("method") == "get_id":  # type: ignore[union-attr]
+            self._send(ps, protocol.response(call_id, self.accounts.row_id(ps.app.name, spec), []))
+        else:
+            raise PermissionDenied(
+                f"Live objects of backend {clip(backend)} are not served by this host"
             )
-        ps.pending_accounts += 1
-        task = asyncio.get_running_loop().create_task(self._account_call(ps, command, msg, rec))
+
+    def _start_async(
+        self,
+        ps: PeerState,
+        call_id: Any,
+        what: str,
+        work: Coroutine[Any, Any, tuple[Any, list[Any]]],
+    ) -> None:
+        """Answer a call the host serves itself once *work* is done (a login's password check,
+        a task's state from its provider), without holding up the loop meanwhile. A connection
+        may have :data:`MAX_ASYNC_CALLS` of these waiting at once.
+        """
+        if ps.pending_async >= MAX_ASYNC_CALLS:
+            work.close()
+            raise QuotaExceededError(
+                f"Too many calls to {what} waiting on this connection (at most {MAX_ASYNC_CALLS})"
+            )
+        ps.pending_async += 1
+        task = asyncio.get_running_loop().create_task(work)
 
         def done(task: asyncio.Task[tuple[Any, list[Any]]]) -> None:
-            ps.pending_accounts -= 1
+            ps.pending_async -= 1
             if ps.peer not in self._peers:
                 return  # the caller went away meanwhile
             exc = None if task.cancelled() else task.exception()
             if task.cancelled() or exc is not None:
-                error = exc if isinstance(exc, AnvilError) else InternalError("The login failed")
+                wire = getattr(exc, "wire", None)
+                if isinstance(wire, dict):  # an error kept as it came (a failed task's)
+                    self._send(ps, protocol.error_message(call_id, protocol.wire_error(wire)))
+                    return
+                error = exc if isinstance(exc, AnvilError) else InternalError(f"{what} failed")
                 if not isinstance(exc, AnvilError):
-                    log.error("%s failed", command, exc_info=exc)
+                    log.error("%s failed", what, exc_info=exc)
                 self._fail(ps, call_id, error)
                 return
             value, objects = task.result()

@@ -14,6 +14,7 @@ from typing import Any, Protocol
 
 from anvil_nb.host.registry import Registry
 from anvil_nb.host.sessions import SessionManager
+from anvil_nb.host.tasks import MemoryTaskStore, TaskRecord, TaskStore
 
 __all__ = ["AppState", "Media", "Peer", "PeerState", "Request", "parent_request"]
 
@@ -63,6 +64,8 @@ class AppState:
     #: knows them (the uplink route's key ring).
     client_key: str | None = None
     server_key: str | None = None
+    #: Where the app's background task records are kept.
+    tasks: TaskStore = field(default_factory=MemoryTaskStore)
 
 
 @dataclass(eq=False)
@@ -87,8 +90,10 @@ class PeerState:
     #: A door of the host itself (an HTTP request), not a connection: it may call ``http:``
     #: and ``route:`` names, which the host built for it.
     door: bool = False
-    #: Logins and sign-ups of this peer waiting for the password pool.
-    pending_accounts: int = 0
+    #: Calls of this peer the host answers later (logins, task states), waiting now.
+    pending_async: int = 0
+    #: ``GET_TASK_STATE`` questions put to this peer, by id.
+    queries: dict[str, asyncio.Future[dict[str, Any]]] = field(default_factory=dict)
     #: Its session is its own and ends with it (a browser's cookie session outlives it).
     owns_session: bool = True
 
@@ -122,6 +127,8 @@ class Request:
     #: The session the provider may switch this call to (``anvil.private.switch_session!``):
     #: the cookie session of a cross-site HTTP request.
     alternate_session: str | None = None
+    #: The record of the background task this request runs (nobody waits for its answer).
+    task: TaskRecord | None = None
 
 
 def parent_request(ps: PeerState, msg: dict[str, Any]) -> Request | None:

@@ -1,0 +1,283 @@
+"""Background tasks through a host: launch, state, results, errors, kill, records.
+
+An in-process host with anvil_nb clients as providers and launchers (the real ``anvil-uplink``
+client is in ``test_tasks_real.py``). Tasks synchronise with the test through
+``threading.Event``s and their ``task_state``; every wait has a deadline.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from support.waiting import wait_until
+
+from anvil_nb import server
+from anvil_nb.client.client import Client, FunctionRegistry
+from anvil_nb.core.errors import (
+    BackgroundTaskError,
+    BackgroundTaskKilled,
+    BackgroundTaskNotFound,
+    NoServerFunctionError,
+)
+from anvil_nb.host.dispatcher import Host
+from anvil_nb.host.inprocess import HostThread
+from anvil_nb.host.tasks import MAX_KEPT_BYTES
+
+TIMEOUT = 10.0
+LAUNCH = "anvil.private.background_tasks.launch"
+
+
+@pytest.fixture
+def gate() -> threading.Event:
+    return threading.Event()
+
+
+def tasks_registry(gate: threading.Event) -> FunctionRegistry:
+    registry = FunctionRegistry()
+
+    def count_to(n: int) -> dict[str, Any]:
+        for i in range(n):
+            server.task_state["progress"] = (i + 1) / n
+        ctx = server.context
+        return {
+            "n": n, "task": ctx.background_task_id, "client": ctx.client.type,
+            "caller": ctx.remote_caller.type, "trusted": ctx.remote_caller.is_trusted,
+            "session": server.get_session_id(),
+        }  # fmt: skip
+
+    def wait_for_gate() -> str:
+        server.task_state["waiting"] = True
+        assert gate.wait(TIMEOUT)
+        return "opened"
+
+    def spin() -> None:
+        i = 0
+        while True:  # a busy Python loop: only a kill ends it
+            i += 1
+            server.task_state["i"] = i
+
+    def fail() -> None:
+        server.task_state["before"] = "the error"
+        raise ValueError("the task failed")
+
+    def huge() -> str:
+        return "x" * (MAX_KEPT_BYTES + 1)
+
+    for name, fn in [
+        ("count_to", count_to),
+        ("wait_for_gate", wait_for_gate),
+        ("spin", spin),
+        ("fail", fail),
+        ("huge", huge),
+    ]:
+        registry.register("task:" + name, fn)
+    registry.register("echo", lambda x: x)
+    registry.register("hand_out", lambda t: t)  # gives a task object to whoever calls
+    return registry
+
+
+@pytest.fixture
+def ht() -> Iterator[HostThread]:
+    thread = HostThread(Host)
+    yield thread
+    thread.stop()
+
+
+@pytest.fixture
+def join(ht: HostThread) -> Iterator[Callable[..., Client]]:
+    clients: list[Client] = []
+
+    def make(kind: str = "server_module", registry: FunctionRegistry | None = None) -> Client:
+        client = Client(ht.connect(kind), functions=registry or FunctionRegistry()).start()
+        clients.append(client)
+        return client
+
+    yield make
+    for c in clients:
+        c.close()
+
+
+@pytest.fixture
+def provider(join: Callable[..., Client], gate: threading.Event) -> Client:
+    return join("uplink", tasks_registry(gate))
+
+
+def finished(task: Any) -> bool:
+    return task.get_termination_status() is not None
+
+
+def test_a_task_runs_in_its_own_session_with_a_background_task_context(join, provider):
+    launcher = join()
+    task = launcher.call(LAUNCH, "count_to", 1000)
+    wait_until(lambda: finished(task), TIMEOUT, "the task to end")
+    assert task.get_termination_status() == "completed"
+    assert task.is_completed() is True
+    assert task.is_running() is False
+    result = task.get_return_value()
+    assert result["n"] == 1000
+    assert result["task"] == task.get_id()
+    assert (result["client"], result["caller"], result["trusted"]) == (
+        "background_task", "background_task", True,
+    )  # fmt: skip
+    assert result["session"] != launcher.call("anvil.private.get_session_id")
+    assert task.get_state() == {"progress": 1.0}  # the final state is kept
+    assert task.get_task_name() == "count_to"
+    assert task.get_start_time().tzinfo is not None
+    assert task.get_error() is None
+
+
+def test_state_is_readable_while_it_runs_and_the_launcher_does_not_wait(join, provider, gate):
+    task = join().call(LAUNCH, "wait_for_gate")  # returns at once: the task waits for the gate
+    wait_until(lambda: task.get_state().get("waiting"), TIMEOUT, "the task's state")
+    assert task.is_running() is True
+    assert task.is_completed() is False
+    assert task.get_return_value() is None
+    assert task.get_error() is None
+    assert task.get_termination_status() is None
+    gate.set()
+    wait_until(lambda: finished(task), TIMEOUT, "the task to end")
+    assert task.get_return_value() == "opened"
+
+
+def test_a_failing_task_raises_its_error_from_every_outcome_method(join, provider):
+    task = join().call(LAUNCH, "fail")
+    wait_until(lambda: finished(task), TIMEOUT, "the task to fail")
+    assert task.get_termination_status() == "failed"
+    for method in (task.is_completed, task.get_return_value, task.get_error):
+        with pytest.raises(ValueError, match="the task failed"):
+            method()
+    assert task.get_state() == {"before": "the error"}
+
+
+def test_kill_ends_a_busy_task_within_a_second_and_the_provider_keeps_serving(join, provider):
+    launcher = join()
+    task = launcher.call(LAUNCH, "spin")
+    wait_until(lambda: task.get_state().get("i", 0) > 1000, TIMEOUT, "the task to spin")
+    started = time.monotonic()
+    task.kill()
+    assert task.get_termination_status() == "killed"
+
+    def stopped() -> bool:  # the task's thread on the provider's side is gone
+        return not any(t.name.startswith("anvil_nb-task-") for t in threading.enumerate())
+
+    wait_until(stopped, 1.0, "the task's thread to end within 1 s of kill()")
+    assert time.monotonic() - started < 1.0
+    for method in (task.is_completed, task.get_return_value, task.get_error):
+        with pytest.raises(BackgroundTaskKilled):
+            method()
+    assert launcher.call("echo", "still serving") == "still serving"
+    task.kill()  # a second kill changes nothing
+    assert task.get_termination_status() == "killed"
+
+
+def test_untrusted_callers_cannot_launch_list_get_or_kill(join, provider, gate):
+    browser = join("browser")
+    for command, args in ((LAUNCH, ("count_to", 1)), ("anvil.private.background_tasks.list", ()),
+                          ("anvil.private.background_tasks.get_by_id", ("t1",))):  # fmt: skip
+        with pytest.raises(BackgroundTaskError):
+            browser.call(command, *args)
+    # ... but a task object handed to them can be watched, not killed
+    task = join().call(LAUNCH, "wait_for_gate")
+    theirs = browser.call("hand_out", task)
+    wait_until(lambda: theirs.get_state().get("waiting"), TIMEOUT, "the state, seen by the browser")
+    with pytest.raises(BackgroundTaskError):
+        theirs.kill()
+    gate.set()
+    wait_until(lambda: finished(theirs), TIMEOUT, "the task to end")
+    assert theirs.get_return_value() == "opened"
+
+
+def test_records_outlive_the_launcher_and_can_be_listed_and_found(join, provider):
+    launcher = join()
+    task = launcher.call(LAUNCH, "count_to", 3)
+    task_id = task.get_id()
+    launcher.close()
+    other = join()
+    found = other.call("anvil.private.background_tasks.get_by_id", task_id)
+    wait_until(lambda: finished(found), TIMEOUT, "the task to end")
+    assert found.get_return_value()["n"] == 3
+    listed = other.call("anvil.private.background_tasks.list")
+    assert task_id in [t.get_id() for t in listed]
+    with pytest.raises(BackgroundTaskNotFound):
+        other.call("anvil.private.background_tasks.get_by_id", "t-no-such-task")
+
+
+def test_a_task_whose_provider_is_lost_is_missing(join, provider, gate):
+    task = join().call(LAUNCH, "wait_for_gate")
+    wait_until(lambda: task.get_state().get("waiting"), TIMEOUT, "the task to start")
+    provider.close()
+    wait_until(lambda: task.get_termination_status() == "missing", TIMEOUT, "missing")
+    with pytest.raises(BackgroundTaskError, match="missing"):
+        task.get_return_value()
+    gate.set()
+
+
+def test_an_unknown_task_name_and_an_oversized_return_value(join, provider):
+    launcher = join()
+    with pytest.raises(NoServerFunctionError, match="nothing_like_it"):
+        launcher.call(LAUNCH, "nothing_like_it")
+    task = launcher.call(LAUNCH, "huge")
+    wait_until(lambda: finished(task), TIMEOUT, "the task to end")
+    with pytest.raises(Exception, match="over the 1,048,576 a task record keeps"):
+        task.get_return_value()
+
+
+def test_task_state_and_task_killed_outside_a_task():
+    with pytest.raises(RuntimeError, match="only available inside a background task"):
+        server.task_state["x"] = 1
+    assert server.task_killed() is False
+    assert "outside" in repr(server.task_state)
+
+
+def test_records_survive_a_host_restart(tmp_path: Path, gate: threading.Event):
+    data = tmp_path / "data"
+    first = HostThread(lambda: Host(data_dir=data))
+    try:
+        provider = Client(first.connect("uplink"), functions=tasks_registry(gate)).start()
+        launcher = Client(first.connect("server_module"), functions=FunctionRegistry()).start()
+        done = launcher.call(LAUNCH, "count_to", 2)
+        wait_until(lambda: finished(done), TIMEOUT, "the task to end")
+        running = launcher.call(LAUNCH, "wait_for_gate")
+        wait_until(lambda: running.get_state().get("waiting"), TIMEOUT, "the task to start")
+        ids = done.get_id(), running.get_id()
+        launcher.close()
+        provider.close()
+    finally:
+        first.stop()
+        gate.set()
+    second = HostThread(lambda: Host(data_dir=data))
+    try:
+        client = Client(second.connect("server_module"), functions=FunctionRegistry()).start()
+        again = client.call("anvil.private.background_tasks.get_by_id", ids[0])
+        assert again.get_return_value()["n"] == 2
+        lost = client.call("anvil.private.background_tasks.get_by_id", ids[1])
+        assert lost.get_termination_status() == "missing"
+        client.close()
+    finally:
+        second.stop()
+
+
+def test_the_server_face_launches_lists_and_finds(gate: threading.Event):
+    registry = tasks_registry(gate)
+    ht = HostThread(Host)
+    try:
+        provider = Client(ht.connect("uplink"), functions=registry).start()
+        launcher = Client(ht.connect("server_module"), functions=FunctionRegistry()).start()
+        from anvil_nb import runtime  # noqa: PLC0415
+
+        runtime.set_client(launcher)
+        try:
+            task = server.launch_background_task("count_to", 4)
+            wait_until(lambda: finished(task), TIMEOUT, "the task to end")
+            assert server.get_background_task(task.get_id()).get_return_value()["n"] == 4
+            assert [t.get_id() for t in server.list_background_tasks()] == [task.get_id()]
+        finally:
+            runtime.disconnect()
+        provider.close()
+    finally:
+        ht.stop()
