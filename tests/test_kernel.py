@@ -484,6 +484,49 @@ def test_a_kernel_s_endpoints_with_basic_auth_against_its_users_and_cors(kernel)
     assert pre.headers["Access-Control-Allow-Origin"] == "*"
 
 
+def test_a_kernel_s_background_task_runs_reports_state_and_is_killed_within_a_second(
+    kernel, nb_caller
+):
+    kernel.run_ok(
+        callable_cell("""
+        import time
+        @server.background_task
+        def k_spin():
+            started, i = time.monotonic(), 0
+            while time.monotonic() - started < 60:  # a busy Python loop
+                i += 1
+                if i % 1000 == 0:
+                    server.task_state["progress"] = i
+            return "ran out"
+
+        def k_ping():
+            return "pong"
+        """)
+    )
+    functions = kernel.status()["functions"]
+    assert "task:k_spin" in functions and "k_spin" not in functions
+    kernel.run_ok("k_task = server.launch_background_task('k_spin')")
+    assert kernel.value(
+        "deadline = time.monotonic() + 10\n"
+        "while not k_task.get_state().get('progress'):\n"
+        "    assert time.monotonic() < deadline\n"
+        "    time.sleep(0.02)\n"
+        "result = k_task.get_termination_status()"
+    ) is None
+    elapsed = kernel.value(
+        "import threading\n"
+        "t0 = time.monotonic()\n"
+        "k_task.kill()\n"
+        "while any(x.name.startswith('anvil_nb-task-') for x in threading.enumerate()):\n"
+        "    assert time.monotonic() - t0 < 1.0, 'the task still runs 1 s after kill()'\n"
+        "    time.sleep(0.005)\n"
+        "result = time.monotonic() - t0"
+    )
+    assert elapsed < 1.0
+    assert kernel.value("result = k_task.get_termination_status()") == "killed"
+    assert nb_caller.call("k_ping") == _ok("pong")  # the kernel keeps serving
+
+
 # ---------------------------------------------------------------------------------------------
 # 3. Re-running, options, errors, async
 

@@ -281,3 +281,52 @@ def test_the_server_face_launches_lists_and_finds(gate: threading.Event):
         provider.close()
     finally:
         ht.stop()
+
+
+# ---------------------------------------------------------------------------------------------
+# The record stores
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Any]:
+    from anvil_nb.host.tasks import MemoryTaskStore, SQLiteTaskStore  # noqa: PLC0415
+
+    made = (
+        MemoryTaskStore()
+        if request.param == "memory"
+        else SQLiteTaskStore(tmp_path / "app.sqlite3")
+    )
+    yield made
+    made.close()
+
+
+def test_a_store_keeps_lists_marks_and_prunes_records(store: Any):
+    from anvil_nb.host.tasks import TaskRecord  # noqa: PLC0415
+
+    for i in range(5):
+        store.put(TaskRecord(id=f"t{i}", app="a", name=f"n{i}", started=100.0 + i))
+    store.put(TaskRecord(id="other", app="b", name="x", started=1.0))
+    assert [r.id for r in store.list("a")] == ["t4", "t3", "t2", "t1", "t0"]  # newest first
+    done = store.get("a", "t1")
+    done.status, done.ended, done.result = "completed", 200.0, {"response": 1, "objects": []}
+    store.put(done)
+    assert store.get("a", "t1").result == {"response": 1, "objects": []}
+    assert store.get("b", "t1") is None
+    assert store.mark_missing(300.0) == 5  # t0, t2, t3, t4 and b's
+    assert store.get("a", "t0").status == "missing"
+    assert store.get("a", "t1").status == "completed"  # finished records are left as they were
+    # prune: finished records that ended before the cutoff, and beyond the newest `keep`
+    assert store.prune("a", before=250.0, keep=10) == 1  # t1 ended at 200
+    assert store.prune("a", before=0.0, keep=2) == 2
+    assert len(store.list("a")) == 2
+    assert len(store.list("b")) == 1
+
+
+def test_kept_values_are_bounded():
+    from anvil_nb.host.tasks import kept  # noqa: PLC0415
+
+    assert kept({"a": 1}, "state") == {"a": 1}
+    big = kept("x" * (MAX_KEPT_BYTES + 1), "return value")
+    assert big["type"] == "anvil.server.SerializationError"
+    assert "return value" in big["message"]
+    assert kept(object(), "state")["type"] == "anvil.server.SerializationError"
