@@ -330,3 +330,40 @@ def test_kept_values_are_bounded():
     assert big["type"] == "anvil.server.SerializationError"
     assert "return value" in big["message"]
     assert kept(object(), "state")["type"] == "anvil.server.SerializationError"
+
+
+def test_housekeeping_prunes_finished_records():
+    from anvil_nb.host.tasks import KEEP_COUNT, KEEP_SECONDS, TaskRecord  # noqa: PLC0415
+
+    host = Host()
+    try:
+        app = host.app()
+        now = time.time()
+        for i in range(KEEP_COUNT + 5):
+            app.tasks.put(
+                TaskRecord(
+                    id=f"t{i}",
+                    app=app.name,
+                    name="n",
+                    started=now - 10 + i * 1e-6,
+                    status="completed",
+                    ended=now - 5,
+                )
+            )
+        app.tasks.put(
+            TaskRecord(
+                id="old",
+                app=app.name,
+                name="n",
+                started=0,
+                status="failed",
+                ended=now - KEEP_SECONDS - 1,
+            )
+        )
+        app.tasks.put(TaskRecord(id="running", app=app.name, name="n", started=0))
+        host.housekeeping()
+        kept_ids = {r.id for r in app.tasks.list(app.name)}
+        assert "old" not in kept_ids and "running" in kept_ids
+        assert len(kept_ids) == KEEP_COUNT + 1  # the newest finished ones, and the running one
+    finally:
+        host.close()

@@ -47,8 +47,6 @@ from anvil_nb.core.serialise import serialise
 from anvil_nb.host.state import AppState, PeerState, Request
 from anvil_nb.host.tasks import (
     BACKEND,
-    KEEP_COUNT,
-    KEEP_SECONDS,
     METHODS,
     TaskRecord,
     kept,
@@ -192,7 +190,6 @@ class TaskRouting:
         req.task = record
         provider.served[rid] = req
         app.tasks.put(record)
-        app.tasks.prune(app.name, time.time() - KEEP_SECONDS, KEEP_COUNT)
         self._send(provider, out, None, data)
         if self._heard(app, ps, provider):
             event = CallStarted(

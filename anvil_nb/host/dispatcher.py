@@ -84,7 +84,7 @@ from anvil_nb.host.registry import Registry
 from anvil_nb.host.sessions import SessionManager, SessionRecord, SQLiteSessionStore
 from anvil_nb.host.state import AppState, Media, Peer, PeerState, Request, parent_request
 from anvil_nb.host.tasks import BACKEND as TASK_BACKEND
-from anvil_nb.host.tasks import MemoryTaskStore, SQLiteTaskStore
+from anvil_nb.host.tasks import KEEP_COUNT, KEEP_SECONDS, MemoryTaskStore, SQLiteTaskStore
 
 __all__ = ["MAX_CALL_DEPTH", "AppState", "Host", "Peer"]
 
@@ -415,12 +415,15 @@ class Host(TaskRouting):
         }
 
     def housekeeping(self) -> list[str]:
-        """Remove expired sessions and persist idle clocks; call it every minute or so."""
+        """Remove expired sessions and old task records, and persist idle clocks; call it every
+        minute or so. Returns the ids of the sessions that expired.
+        """
         gone = []
         for state in list(self.apps.values()):
             for session_id in state.sessions.purge():
                 gone.append(session_id)
                 self._emit_session(state, session_id, "expired")
+            state.tasks.prune(state.name, time.time() - KEEP_SECONDS, KEEP_COUNT)
         return gone
 
     def close(self) -> None:
