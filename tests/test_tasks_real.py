@@ -183,3 +183,31 @@ def test_untrusted_launches_are_refused(spawn: Spawn, host: HostProc, mode: str)
     finally:
         provider.stop()
         caller.stop()
+
+
+def test_records_outlive_the_launcher_and_a_host_restart(spawn: Spawn, tmp_path: Path):
+    first = HostProc(tmp_path / "data", tmp_path / "host1.log")
+    second: HostProc | None = None
+    try:
+        provider = joined(spawn, first, "real", "provider")
+        launcher = joined(spawn, first, "real", "launcher")
+        task_id = launcher.run(
+            "t = S.launch_background_task('rt_count', 7)\nwait_end(t)\nresult = t.get_id()"
+        )
+        launcher.stop()  # the launcher goes; the record stays
+        code, _ = first.stop()
+        assert code == 0, first.log()
+        provider.stop()
+        port = int(first.url.rsplit(":", 1)[1].split("/")[0])
+        second = HostProc.restart(first, port)
+        reader = joined(spawn, second, "nb", "reader")
+        out = reader.run(
+            f"t = S.get_background_task({task_id!r})\n"
+            "result = [t.get_termination_status(), t.get_return_value()['n'],"
+            " [x.get_id() for x in S.list_background_tasks()]]"
+        )
+        assert out == ["completed", 7, [task_id]], out
+    finally:
+        for h in (first, second):
+            if h is not None and h.proc.poll() is None:
+                h.stop()
