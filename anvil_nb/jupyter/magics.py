@@ -6,7 +6,8 @@ a portable class. Registrations belong to the cell: re-running it replaces them,
 removed from the cell is unregistered. A cell that raises registers nothing.
 
 ``%anvil status [--server-key]``, ``%anvil connect URL KEY`` and ``%anvil dashboard`` look at
-and steer the kernel's connection (see :mod:`anvil_nb.jupyter.kernel`).
+and steer the kernel's connection (see :mod:`anvil_nb.jupyter.kernel`); ``%anvil tasks`` prints
+the app's background tasks, one line each.
 """
 
 from __future__ import annotations
@@ -141,7 +142,10 @@ class AnvilMagics(Magics):
 
     @magic_arguments()
     @argument(
-        "command", nargs="?", default="status", choices=["status", "connect", "app", "dashboard"]
+        "command",
+        nargs="?",
+        default="status",
+        choices=["status", "connect", "app", "dashboard", "tasks"],
     )
     @argument("args", nargs="*", help="for connect: URL KEY; for app: NAME")
     @argument("--server-key", action="store_true", help="status: show the server key too")
@@ -149,7 +153,7 @@ class AnvilMagics(Magics):
     @line_magic
     def anvil(self, line: str) -> Any:
         """``%anvil status [--server-key] [--json]`` | ``%anvil connect URL KEY`` |
-        ``%anvil app NAME`` | ``%anvil dashboard``.
+        ``%anvil app NAME`` | ``%anvil dashboard`` | ``%anvil tasks``.
         """
         args = parse_argstring(self.anvil, line)
         if args.command == "status":
@@ -176,13 +180,22 @@ class AnvilMagics(Magics):
                 raise UsageError(f"%anvil connect: {exc}") from exc
             print(kernel.format_status())
             return None
-        try:
-            from anvil_nb.widgets import dashboard  # noqa: PLC0415
-        except ImportError as exc:
-            raise UsageError(
-                "%anvil dashboard needs anvil_nb.widgets, which this version does not have yet"
-            ) from exc
-        return dashboard()
+        return _widgets(args.command)
+
+
+def _widgets(command: str) -> Any:
+    """``%anvil dashboard`` (the cell shows it) and ``%anvil tasks`` (printed)."""
+    try:
+        from anvil_nb.widgets import dashboard  # noqa: PLC0415
+        from anvil_nb.widgets.tasks import tasks_text  # noqa: PLC0415
+    except ImportError as exc:
+        raise UsageError(
+            f"%anvil {command} needs anvil_nb.widgets, which this version does not have yet"
+        ) from exc
+    if command == "tasks":
+        print(tasks_text())  # NAME  STATUS  ELAPSED  STATE, one line per task
+        return None
+    return dashboard()
 
 
 def load(ipython: Any) -> None:

@@ -47,7 +47,7 @@ from anvil_nb.config import DEFAULT_APP, ENV_KEY, ENV_ROOT, ENV_URL, KeyRing, de
 from anvil_nb.core.limits import DEFAULT_LIMITS, Limits
 from anvil_nb.host.dispatcher import Host
 from anvil_nb.host.http import Reply
-from anvil_nb.web.api import EndpointServing
+from anvil_nb.web.api import EndpointServing, app_exists
 from anvil_nb.web.handlers import EventStreaming, admin_state, apps_state, no_app
 from anvil_nb.web.routes import Handlers
 from anvil_nb.web.service import HostService
@@ -107,7 +107,7 @@ class JupyterApiHandler(EndpointServing, APIHandler):
     async def _endpoint(self, *args: str) -> None:
         _require_user(self)
         app, path = (args[0], args[1]) if len(args) == 2 else (DEFAULT_APP, args[-1])
-        if app not in self.keyring.names():
+        if not app_exists(self.host, self.keyring, app):
             raise web.HTTPError(404, f"No app named {app[:100]!r}")
         await self.serve_endpoint(app, path)
 

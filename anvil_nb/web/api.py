@@ -19,10 +19,17 @@ from anvil_nb.host.dispatcher import Host
 from anvil_nb.host.endpoints import Outcome, cookie_name, door_of, is_cross_site
 from anvil_nb.host.http import Incoming, Reply, plain
 
-__all__ = ["ApiHandler", "EndpointServing", "app_root"]
+__all__ = ["ApiHandler", "EndpointServing", "app_exists", "app_root"]
 
 #: Every method an endpoint may be asked for (the endpoint decides which it serves: 405).
 METHODS = ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS")
+
+
+def app_exists(host: Host, keyring: KeyRing, app: str) -> bool:
+    """Whether *app* exists (it has keys). The host's own apps are known without a look at the
+    data dir, which a request would otherwise pay for every time.
+    """
+    return app == DEFAULT_APP or app in host.apps or app in keyring.names()
 
 
 def app_root(path: str, marker: str) -> str:
@@ -151,7 +158,7 @@ class ApiHandler(EndpointServing):
 
     async def _endpoint(self, *args: str) -> None:
         app, path = (args[0], args[1]) if len(args) == 2 else (DEFAULT_APP, args[-1])
-        if app not in self.keyring.names():
+        if not app_exists(self.host, self.keyring, app):
             self._write_reply(plain(404, f"No app named {app[:100]!r}"))
             return
         await self.serve_endpoint(app, path)

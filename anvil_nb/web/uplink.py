@@ -39,7 +39,7 @@ from anvil_nb.core.logs import RateLimiter, clip
 from anvil_nb.core.transport import retrieve
 from anvil_nb.host.dispatcher import Host
 from anvil_nb.host.endpoints import cookie_name, door_of
-from anvil_nb.web.api import app_root
+from anvil_nb.web.api import app_exists, app_root
 
 __all__ = ["BrowserHandler", "Keys", "UplinkHandler", "WebSocketPeer"]
 
@@ -453,7 +453,7 @@ class BrowserHandler(UplinkHandler):
         then the browser's cookie session (a new one, and its cookie, if it has none).
         """
         app = self.path_args[0] if self.path_args else DEFAULT_APP
-        if app not in self.keyring.names():
+        if not app_exists(self.host, self.keyring, app):
             raise tornado.web.HTTPError(404, f"no app named {app!r}")
         client = {"type": "browser", "ip": self.request.remote_ip or ""}
         record, cookie = door_of(self.host).browser_session(

@@ -5,14 +5,18 @@
 * :class:`SessionInspector`: the sessions served, with the keys each call changed;
 * :class:`CapabilityStream`: capability updates by scope, and their aggregate;
 * :class:`Registry`: registered names and who provides them;
-* :func:`dashboard`: all four in tabs (``%anvil dashboard``).
+* :class:`TaskMonitor`: the app's background tasks, their state and progress, with a Kill
+  button (polled: the host does not push task state);
+* :func:`dashboard`: all five in tabs (``%anvil dashboard``).
 
 They are fed by the process's bus (:data:`anvil_nb.runtime.events`): the host's stream of the
 app, completed by what the process's own client did (whichever it is: a kernel's after
 ``%load_ext``, ``server.connect``'s, or the embedded host's of a plain script), pushed, never
-polled; they render at most every 100 ms (and as each cell ends in a kernel), keep bounded ring
-buffers, and share one set of models per process, so several dashboards agree. Saved without a
-widget frontend, each reads as a one-line summary. Nothing in a widget can raise into a call.
+polled (background tasks excepted: the host does not push their state, so one thread per
+process polls them, see :mod:`anvil_nb.widgets.tasks`); they render at most every 100 ms (and
+as each cell ends in a kernel), keep bounded ring buffers, and share one set of models per
+process, so several dashboards agree. Saved without a widget frontend, each reads as a
+one-line summary. Nothing in a widget can raise into a call.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from anvil_nb.widgets.dashboard import Dashboard, dashboard
 from anvil_nb.widgets.feed import Feed, shared_feed
 from anvil_nb.widgets.registry import Registry
 from anvil_nb.widgets.session_state import SessionInspector
+from anvil_nb.widgets.tasks import TaskMonitor
 from anvil_nb.widgets.view import flush
 
 __all__ = [
@@ -32,6 +37,7 @@ __all__ = [
     "Feed",
     "Registry",
     "SessionInspector",
+    "TaskMonitor",
     "dashboard",
     "flush",
     "shared_feed",
