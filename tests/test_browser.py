@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -153,5 +154,55 @@ def test_the_dashboard_shows_calls_from_an_external_client(
         table.scroll_into_view_if_needed()
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
         page.screenshot(path=str(ARTIFACTS / "dashboard.png"))
+
+    assert lab.stop() == 0, f"jupyter lab did not stop cleanly on SIGTERM:\n{lab.log()}"
+
+
+TASK_CELLS = [
+    "%load_ext anvil_nb",
+    "%%callable\n"
+    "import threading\n"
+    "from anvil_nb import server\n"
+    "release = threading.Event()\n"
+    "\n"
+    "@server.background_task\n"
+    "def b_slow():\n"
+    "    server.task_state['progress'] = 40\n"
+    "    while not release.is_set():  # short waits: a kill ends it at once\n"
+    "        release.wait(0.05)\n"
+    "    return 'done'",
+    "b_task = server.launch_background_task('b_slow')",
+    "%anvil dashboard",
+]
+
+
+def test_the_tasks_tab_shows_a_progress_bar_and_kills_a_task(
+    lab: JupyterLab, browser: BrowserContext
+):
+    page = browser.pages[0] if browser.pages else browser.new_page()
+    with artifacts_on_failure(page, lab):
+        open_and_run_notebook(page, lab, TASK_CELLS)
+        dashboard = page.locator(".widget-tab").first
+        tab = dashboard.locator(".lm-TabBar-tab", has_text="Tasks")
+        expect(tab).to_have_count(1, timeout=WAIT * 1000)
+        tab.click()
+
+        # The running task's row: its name, status, and a progress bar at 40 % (a percentage).
+        row = dashboard.locator(".anvil-nb-task", has_text="b_slow")
+        expect(row).to_have_count(1, timeout=WAIT * 1000)
+        expect(row.locator(".anvil-nb-task-status")).to_have_text("running")
+        bar = row.locator(".widget-hprogress .progress-bar")
+        expect(bar).to_be_visible()
+        expect(bar).to_have_attribute("style", re.compile(r"width:\s*40%"))
+
+        # Kill from the page: the row says so, and the button goes.
+        kill = row.locator("button", has_text="Kill")
+        expect(kill).to_be_visible()
+        kill.click()
+        expect(row.locator(".anvil-nb-task-status")).to_have_text("killed", timeout=WAIT * 1000)
+        expect(kill).to_be_hidden()
+
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "tasks.png"))
 
     assert lab.stop() == 0, f"jupyter lab did not stop cleanly on SIGTERM:\n{lab.log()}"
