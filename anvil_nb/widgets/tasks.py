@@ -313,13 +313,16 @@ class TaskPoller:
                         break
                     self._wake.wait(wait)
             last = time.monotonic()
-            self.poll()
+            self.poll(last)
 
     # -- one poll ------------------------------------------------------------------------------
-    def poll(self) -> None:
-        """Read the tasks now (never raises: what goes wrong is the model's note)."""
+    def poll(self, started: float | None = None) -> None:
+        """Read the tasks now (never raises: what goes wrong is the model's note).
+
+        *started*: when the poll was due to start (``time.monotonic()``; default: now).
+        """
         with self._poll_lock:
-            self.model.poll_times.append(time.monotonic())
+            self.model.poll_times.append(time.monotonic() if started is None else started)
             try:
                 self._poll()
             except Exception as exc:  # the host went away mid-poll, refused, ...
