@@ -506,13 +506,16 @@ def test_a_kernel_s_background_task_runs_reports_state_and_is_killed_within_a_se
     functions = kernel.status()["functions"]
     assert "task:k_spin" in functions and "k_spin" not in functions
     kernel.run_ok("k_task = server.launch_background_task('k_spin')")
-    assert kernel.value(
-        "deadline = time.monotonic() + 10\n"
-        "while not k_task.get_state().get('progress'):\n"
-        "    assert time.monotonic() < deadline\n"
-        "    time.sleep(0.02)\n"
-        "result = k_task.get_termination_status()"
-    ) is None
+    assert (
+        kernel.value(
+            "deadline = time.monotonic() + 10\n"
+            "while not k_task.get_state().get('progress'):\n"
+            "    assert time.monotonic() < deadline\n"
+            "    time.sleep(0.02)\n"
+            "result = k_task.get_termination_status()"
+        )
+        is None
+    )
     elapsed = kernel.value(
         "import threading\n"
         "t0 = time.monotonic()\n"

@@ -289,16 +289,20 @@ def test_session_capability_and_registry_views_render_their_models():
     assert "greet" in registry.table.value and "uplink-7" in registry.table.value
 
 
-def test_dashboard_has_the_four_tabs_and_two_dashboards_agree():
+def test_dashboard_has_the_five_tabs_and_two_dashboards_agree():
     bus = EventBus()
     feed = Feed(bus=bus)
     one, two = dashboard(feed), dashboard(feed)
-    assert one.titles == ("Calls", "Sessions", "Capabilities", "Registry")
-    bus.emit(started("c1"))
-    for d in (one, two):
-        d.children[0].refresh()
-    assert one.children[0].table.value == two.children[0].table.value
-    assert 'data-call="c1"' in one.children[0].table.value
+    try:
+        assert one.titles == ("Calls", "Sessions", "Capabilities", "Registry", "Tasks")
+        bus.emit(started("c1"))
+        for d in (one, two):
+            d.children[0].refresh()
+        assert one.children[0].table.value == two.children[0].table.value
+        assert 'data-call="c1"' in one.children[0].table.value
+    finally:
+        one.close()  # their Tasks tabs stop the shared poller
+        two.close()
 
 
 # ---------------------------------------------------------------------------------------------
