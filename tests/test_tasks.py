@@ -76,6 +76,18 @@ def tasks_registry(gate: threading.Event) -> FunctionRegistry:
         ("huge", huge),
     ]:
         registry.register("task:" + name, fn)
+
+    def mint(scope: str) -> Any:  # a capability made in the task's own session
+        return server.Capability([scope])
+
+    def takes(cap: Any) -> list[Any]:
+        return list(cap.scope)
+
+    registry.register("task:mint", mint)
+    registry.register("task:takes", takes)
+    registry.register(
+        "unwrap", lambda cap: server.unwrap_capability(cap, ["doc", server.Capability.ANY])
+    )
     registry.register("echo", lambda x: x)
     registry.register("hand_out", lambda t: t)  # gives a task object to whoever calls
     return registry
@@ -225,6 +237,19 @@ def test_an_unknown_task_name_and_an_oversized_return_value(join, provider):
     wait_until(lambda: finished(task), TIMEOUT, "the task to end")
     with pytest.raises(Exception, match="over the 1,048,576 a task record keeps"):
         task.get_return_value()
+
+
+def test_capabilities_go_into_a_task_and_come_back_signed_for_the_reader(join, provider):
+    launcher = join()
+    cap = server.Capability(["doc", 7])
+    task = launcher.call(LAUNCH, "takes", cap)
+    wait_until(lambda: finished(task), TIMEOUT, "the task to end")
+    assert task.get_return_value() == ["doc", 7]
+    minted = launcher.call(LAUNCH, "mint", "doc")
+    wait_until(lambda: finished(minted), TIMEOUT, "the task to end")
+    back = minted.get_return_value()  # made in a session that has ended ...
+    assert back.is_valid  # ... handed over signed for the reader's own session
+    assert launcher.call("unwrap", back.narrow([8])) == ["doc", 8]
 
 
 def test_task_state_and_task_killed_outside_a_task():

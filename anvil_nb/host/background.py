@@ -44,6 +44,7 @@ from anvil_nb.core.events import CallStarted
 from anvil_nb.core.liveobject import LiveObjectProxy
 from anvil_nb.core.logs import clip
 from anvil_nb.core.serialise import serialise
+from anvil_nb.host.sessions import SessionRecord
 from anvil_nb.host.state import AppState, PeerState, Request
 from anvil_nb.host.tasks import (
     BACKEND,
@@ -131,8 +132,12 @@ class TaskRouting:
         return record
 
     # -- private functions ---------------------------------------------------------------------
-    def _task_command(self: Host, ps: PeerState, call_id: Any, msg: dict[str, Any]) -> None:
-        """``anvil.private.background_tasks.{launch, get_by_id, list}``."""
+    def _task_command(
+        self: Host, ps: PeerState, call_id: Any, msg: dict[str, Any], session: SessionRecord
+    ) -> None:
+        """``anvil.private.background_tasks.{launch, get_by_id, list}`` (*session*: the
+        call's, which the arguments' capabilities were issued to).
+        """
         command = msg["command"]
         if not ps.trusted:
             raise BackgroundTaskError(
@@ -140,7 +145,7 @@ class TaskRouting:
             )
         app = ps.app
         if command.endswith(".launch"):
-            value, objects = _wire_value(self._launch(ps, msg))
+            value, objects = _wire_value(self._launch(ps, msg, session))
         elif command.endswith(".get_by_id"):
             args = msg.get("args") or [None]
             spec = {"id": json.dumps(args[0]), "mac": task_mac(self.secret, app.name, str(args[0]))}
@@ -150,7 +155,9 @@ class TaskRouting:
             value, objects = _wire_value([self._task_object(r) for r in records])
         self._send(ps, protocol.response(call_id, value, objects))
 
-    def _launch(self: Host, ps: PeerState, msg: dict[str, Any]) -> LiveObjectProxy:
+    def _launch(
+        self: Host, ps: PeerState, msg: dict[str, Any], caller_session: SessionRecord
+    ) -> LiveObjectProxy:
         args = msg.get("args") or []
         kwargs = msg.get("kwargs") or {}
         if not args or not isinstance(args[0], str):
@@ -163,9 +170,7 @@ class TaskRouting:
                 f'No background task named "{clip(name)}" has been registered'
             )
         objects = _shift_args(protocol.check_objects(msg.get("objects"), protocol.CALL_ROOTS))
-        parent_session = app.sessions.get(ps.session_id)
-        if parent_session is not None:
-            self._check_capabilities(objects, parent_session, trusted=True)
+        self._check_capabilities(objects, caller_session, trusted=True)
         record = TaskRecord(
             id=new_task_id(), app=app.name, name=name, started=time.time(),
             launcher=ps.peer.name, provider=provider.peer.name,
@@ -213,9 +218,8 @@ class TaskRouting:
             status = "killed" if wire.get("type") == _KILLED else "failed"
             self._finish_task(req, status, error=kept(wire, "error"), state=state)
             return
-        objects = msg.get("objects") or []
         try:
-            objects = protocol.check_objects(objects, protocol.RESPONSE_ROOTS)
+            objects = self._task_objects(req, msg.get("objects"))
             if media or protocol.media_ids(msg):
                 raise SerializationError("a task's return value cannot hold Media")
         except (AnvilError, ValueError) as exc:
@@ -223,6 +227,34 @@ class TaskRouting:
             return
         result = kept({"response": msg.get("response"), "objects": objects}, "return value")
         self._finish_task(req, "completed", result=result, state=state)
+
+    def _task_objects(self: Host, req: Request, objects: Any) -> list[dict[str, Any]]:
+        """The ``objects`` of a task's answer, checked: capabilities must have been issued to
+        the task's session (while it still exists), and are kept without a MAC; each reader
+        is given them signed for its own session (:meth:`_for_reader`).
+        """
+        checked = protocol.check_objects(objects, protocol.RESPONSE_ROOTS)
+        session = req.provider.app.sessions.get(req.session_id)
+        if session is None:
+            if any("Capability" in (o.get("type") or ()) for o in checked):
+                raise SerializationError("a task's capabilities outlived its session")
+            return checked
+        self._check_capabilities(checked, session, trusted=True)
+        return [
+            {**o, "mac": None, "narrow": None} if "Capability" in (o.get("type") or ()) else o
+            for o in checked
+        ]
+
+    def _for_reader(
+        self: Host, ps: PeerState, objects: list[dict[str, Any]]
+    ) -> list[dict[str, Any]]:
+        """Kept ``objects`` as *ps* may receive them: capabilities signed for its session."""
+        if not any("Capability" in (o.get("type") or ()) for o in objects):
+            return objects
+        session = ps.app.sessions.get(ps.session_id)
+        if session is None:
+            raise SerializationError("your session has ended")
+        return self._sign_objects(objects, session)
 
     def _finish_task(
         self: Host,
@@ -259,8 +291,10 @@ class TaskRouting:
             self._kill(ps.app, record)
             return None, []
         if method == "get_state":
-            return await self._task_state(ps.app, record)
-        return self._task_answer(record, method)
+            value, objects = await self._task_state(ps.app, record)
+        else:
+            value, objects = self._task_answer(record, method)
+        return value, self._for_reader(ps, objects)
 
     def _task_answer(self: Host, record: TaskRecord, method: Any) -> tuple[Any, list[Any]]:
         if method == "get_id":
@@ -330,8 +364,7 @@ class TaskRouting:
                 self._release(req, None, late=True)
                 self._finish_task(req, "missing")
             return record.state, []
-        objects = protocol.check_objects(answer.get("objects"), protocol.RESPONSE_ROOTS)
-        return answer.get("response"), objects
+        return answer.get("response"), self._task_objects(req, answer.get("objects"))
 
     def _kill(self: Host, app: AppState, record: TaskRecord) -> None:
         """End a running task as ``killed``; its provider is told (anvil_nb stops it)."""

@@ -648,7 +648,7 @@ class Host(TaskRouting):
         if command in ACCOUNT_COMMANDS:
             self._start_async(ps, call_id, command, self._account_call(ps, command, msg, record))
         elif command in TASK_COMMANDS:
-            self._task_command(ps, call_id, msg)
+            self._task_command(ps, call_id, msg, record)
         else:
             self._send(ps, protocol.response(call_id, handler(ps, msg, record), []))  # type: ignore[misc]
         return True
@@ -731,7 +731,7 @@ class Host(TaskRouting):
         req = ps.served.get(rid) if type(rid) is str else None
         if req is not None and req.task is not None:
             self._end_task(req, msg, media)
-            self._release(req, None)
+            self._release(req, None, ok="error" not in msg, out=msg)
             return
         if req is None:
             if type(rid) is str and self._late.pop(rid, False) is None:
