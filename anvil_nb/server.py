@@ -310,18 +310,19 @@ def _default_context() -> CallContext:
     return CallContext(type=client.own_type if client is not None else "server_module")
 
 
-class _SessionProxy(MutableMapping[str, Any]):
-    """``server.session``: the session of the call being served, as a dict.
-
-    It is copied into each call and the changed copy is kept by the host when the call returns;
-    values must be serialisable, and a call that stores something that is not fails.
+class _CallDict(MutableMapping[str, Any]):
+    """A dict of the call being served (its session, its task's state), reached by *get*:
+    ``None`` outside such a call, where using it raises ``RuntimeError`` saying *where*.
     """
 
+    def __init__(self, name: str, get: Callable[[], dict[str, Any] | None], where: str):
+        self._name, self._get, self._where = name, get, where
+
     def _data(self) -> dict[str, Any]:
-        state = current_call()
-        if state is None:
-            raise RuntimeError("server.session is only available inside a server function call")
-        return state.session
+        data = self._get()
+        if data is None:
+            raise RuntimeError(f"server.{self._name} is only available {self._where}")
+        return data
 
     def __getitem__(self, key: str) -> Any:
         return self._data()[key]
@@ -333,20 +334,35 @@ class _SessionProxy(MutableMapping[str, Any]):
         del self._data()[key]
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._data())
+        return iter(dict(self._data()))
 
     def __len__(self) -> int:
         return len(self._data())
 
     def __repr__(self) -> str:
-        state = current_call()
-        return (
-            f"<server.session {state.session!r}>" if state else "<server.session (outside a call)>"
+        data = self._get()
+        shown = (
+            repr(data) if data is not None else f"(outside {self._where.removeprefix('inside ')})"
         )
+        return f"<server.{self._name} {shown}>"
 
 
-#: The session of the current call: a dict-like object that travels with the call.
-session: MutableMapping[str, Any] = _SessionProxy()
+def _session_of_call() -> dict[str, Any] | None:
+    state = current_call()
+    return state.session if state is not None else None
+
+
+def _state_of_task() -> dict[str, Any] | None:
+    run = getattr(current_call(), "task", None)
+    return run.state if run is not None else None
+
+
+#: The session of the current call: a dict-like object that travels with the call. It is copied
+#: into each call and the changed copy is kept by the host when the call returns; values must be
+#: serialisable, and a call that stores something that is not fails.
+session: MutableMapping[str, Any] = _CallDict(
+    "session", _session_of_call, "inside a server function call"
+)
 
 
 def __getattr__(name: str) -> Any:
@@ -528,37 +544,8 @@ def task_killed() -> bool:
     return bool(run is not None and run.killed)
 
 
-class _TaskStateProxy(MutableMapping[str, Any]):
-    """``server.task_state``: the state of the background task this code runs in."""
-
-    def _data(self) -> dict[str, Any]:
-        run = getattr(current_call(), "task", None)
-        if run is None:
-            raise RuntimeError("server.task_state is only available inside a background task")
-        return run.state
-
-    def __getitem__(self, key: str) -> Any:
-        return self._data()[key]
-
-    def __setitem__(self, key: str, value: Any) -> None:
-        self._data()[key] = value
-
-    def __delitem__(self, key: str) -> None:
-        del self._data()[key]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(dict(self._data()))
-
-    def __len__(self) -> int:
-        return len(self._data())
-
-    def __repr__(self) -> str:
-        run = getattr(current_call(), "task", None)
-        if run is None:
-            return "<server.task_state (outside a background task)>"
-        return f"<server.task_state {run.state!r}>"
-
-
 #: The state of the background task this code runs in: a dict it assigns into
 #: (``server.task_state["progress"] = 0.5``), plain JSON values only.
-task_state: MutableMapping[str, Any] = _TaskStateProxy()
+task_state: MutableMapping[str, Any] = _CallDict(
+    "task_state", _state_of_task, "inside a background task"
+)

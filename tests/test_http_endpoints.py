@@ -44,19 +44,7 @@ COOKIE = cookie_name("default")
 
 def serve(net: NetHost, *endpoints: tuple[Callable[..., Any], str, dict[str, Any]]) -> Client:
     """A provider serving *endpoints* (``(fn, path, options)``), once the host routes them."""
-    registry = FunctionRegistry()
-    for fn, path, options in endpoints:
-        name, wrapper = make_endpoint(fn, path, **options)
-        registry.register(name, wrapper)
-    client = net.client(registry=registry)
-    for _, path, _ in endpoints:
-        probe = path.replace(":", "")  # any value matches a parameter's group
-        wait_until(
-            lambda probe=probe: net.ht.run(net.host.endpoint_command, "default", probe),
-            timeout=TIMEOUT,
-            what=f"the host routes {path}",
-        )
-    return client
+    return net.serve_endpoints(*endpoints)
 
 
 def get(net: NetHost, path: str, **kw: Any) -> requests.Response:

@@ -94,37 +94,16 @@ def tasks_registry(gate: threading.Event) -> FunctionRegistry:
 
 
 @pytest.fixture
-def ht() -> Iterator[HostThread]:
-    thread = HostThread(Host)
-    yield thread
-    thread.stop()
-
-
-@pytest.fixture
-def join(ht: HostThread) -> Iterator[Callable[..., Client]]:
-    clients: list[Client] = []
-
-    def make(kind: str = "server_module", registry: FunctionRegistry | None = None) -> Client:
-        client = Client(ht.connect(kind), functions=registry or FunctionRegistry()).start()
-        clients.append(client)
-        return client
-
-    yield make
-    for c in clients:
-        c.close()
-
-
-@pytest.fixture
-def provider(join: Callable[..., Client], gate: threading.Event) -> Client:
-    return join("uplink", tasks_registry(gate))
+def provider(connect: Callable[..., Client], gate: threading.Event) -> Client:
+    return connect("uplink", tasks_registry(gate))
 
 
 def finished(task: Any) -> bool:
     return task.get_termination_status() is not None
 
 
-def test_a_task_runs_in_its_own_session_with_a_background_task_context(join, provider):
-    launcher = join()
+def test_a_task_runs_in_its_own_session_with_a_background_task_context(connect, provider):
+    launcher = connect()
     task = launcher.call(LAUNCH, "count_to", 1000)
     wait_until(lambda: finished(task), TIMEOUT, "the task to end")
     assert task.get_termination_status() == "completed"
@@ -143,8 +122,8 @@ def test_a_task_runs_in_its_own_session_with_a_background_task_context(join, pro
     assert task.get_error() is None
 
 
-def test_state_is_readable_while_it_runs_and_the_launcher_does_not_wait(join, provider, gate):
-    task = join().call(LAUNCH, "wait_for_gate")  # returns at once: the task waits for the gate
+def test_state_is_readable_while_it_runs_and_the_launcher_does_not_wait(connect, provider, gate):
+    task = connect().call(LAUNCH, "wait_for_gate")  # returns at once: the task waits for the gate
     wait_until(lambda: task.get_state().get("waiting"), TIMEOUT, "the task's state")
     assert task.is_running() is True
     assert task.is_completed() is False
@@ -156,8 +135,8 @@ def test_state_is_readable_while_it_runs_and_the_launcher_does_not_wait(join, pr
     assert task.get_return_value() == "opened"
 
 
-def test_a_failing_task_raises_its_error_from_every_outcome_method(join, provider):
-    task = join().call(LAUNCH, "fail")
+def test_a_failing_task_raises_its_error_from_every_outcome_method(connect, provider):
+    task = connect().call(LAUNCH, "fail")
     wait_until(lambda: finished(task), TIMEOUT, "the task to fail")
     assert task.get_termination_status() == "failed"
     for method in (task.is_completed, task.get_return_value, task.get_error):
@@ -166,8 +145,8 @@ def test_a_failing_task_raises_its_error_from_every_outcome_method(join, provide
     assert task.get_state() == {"before": "the error"}
 
 
-def test_kill_ends_a_busy_task_within_a_second_and_the_provider_keeps_serving(join, provider):
-    launcher = join()
+def test_kill_ends_a_busy_task_within_a_second_and_the_provider_keeps_serving(connect, provider):
+    launcher = connect()
     task = launcher.call(LAUNCH, "spin")
     wait_until(lambda: task.get_state().get("i", 0) > 1000, TIMEOUT, "the task to spin")
     started = time.monotonic()
@@ -187,14 +166,14 @@ def test_kill_ends_a_busy_task_within_a_second_and_the_provider_keeps_serving(jo
     assert task.get_termination_status() == "killed"
 
 
-def test_untrusted_callers_cannot_launch_list_get_or_kill(join, provider, gate):
-    browser = join("browser")
+def test_untrusted_callers_cannot_launch_list_get_or_kill(connect, provider, gate):
+    browser = connect("browser")
     for command, args in ((LAUNCH, ("count_to", 1)), ("anvil.private.background_tasks.list", ()),
                           ("anvil.private.background_tasks.get_by_id", ("t1",))):  # fmt: skip
         with pytest.raises(BackgroundTaskError):
             browser.call(command, *args)
     # ... but a task object handed to them can be watched, not killed
-    task = join().call(LAUNCH, "wait_for_gate")
+    task = connect().call(LAUNCH, "wait_for_gate")
     theirs = browser.call("hand_out", task)
     wait_until(lambda: theirs.get_state().get("waiting"), TIMEOUT, "the state, seen by the browser")
     with pytest.raises(BackgroundTaskError):
@@ -204,12 +183,12 @@ def test_untrusted_callers_cannot_launch_list_get_or_kill(join, provider, gate):
     assert theirs.get_return_value() == "opened"
 
 
-def test_records_outlive_the_launcher_and_can_be_listed_and_found(join, provider):
-    launcher = join()
+def test_records_outlive_the_launcher_and_can_be_listed_and_found(connect, provider):
+    launcher = connect()
     task = launcher.call(LAUNCH, "count_to", 3)
     task_id = task.get_id()
     launcher.close()
-    other = join()
+    other = connect()
     found = other.call("anvil.private.background_tasks.get_by_id", task_id)
     wait_until(lambda: finished(found), TIMEOUT, "the task to end")
     assert found.get_return_value()["n"] == 3
@@ -219,8 +198,8 @@ def test_records_outlive_the_launcher_and_can_be_listed_and_found(join, provider
         other.call("anvil.private.background_tasks.get_by_id", "t-no-such-task")
 
 
-def test_a_task_whose_provider_is_lost_is_missing(join, provider, gate):
-    task = join().call(LAUNCH, "wait_for_gate")
+def test_a_task_whose_provider_is_lost_is_missing(connect, provider, gate):
+    task = connect().call(LAUNCH, "wait_for_gate")
     wait_until(lambda: task.get_state().get("waiting"), TIMEOUT, "the task to start")
     provider.close()
     wait_until(lambda: task.get_termination_status() == "missing", TIMEOUT, "missing")
@@ -229,8 +208,8 @@ def test_a_task_whose_provider_is_lost_is_missing(join, provider, gate):
     gate.set()
 
 
-def test_an_unknown_task_name_and_an_oversized_return_value(join, provider):
-    launcher = join()
+def test_an_unknown_task_name_and_an_oversized_return_value(connect, provider):
+    launcher = connect()
     with pytest.raises(NoServerFunctionError, match="nothing_like_it"):
         launcher.call(LAUNCH, "nothing_like_it")
     task = launcher.call(LAUNCH, "huge")
@@ -239,8 +218,8 @@ def test_an_unknown_task_name_and_an_oversized_return_value(join, provider):
         task.get_return_value()
 
 
-def test_capabilities_go_into_a_task_and_come_back_signed_for_the_reader(join, provider):
-    launcher = join()
+def test_capabilities_go_into_a_task_and_come_back_signed_for_the_reader(connect, provider):
+    launcher = connect()
     cap = server.Capability(["doc", 7])
     task = launcher.call(LAUNCH, "takes", cap)
     wait_until(lambda: finished(task), TIMEOUT, "the task to end")

@@ -18,10 +18,8 @@ import pytest
 import requests
 from argon2 import PasswordHasher
 from support.nethost import KEYS, NetHost
-from support.waiting import wait_until
 
 from anvil_nb.client.client import Client, FunctionRegistry
-from anvil_nb.client.endpoints import make_endpoint
 from anvil_nb.client.endpoints import request as server_request
 from anvil_nb.core.errors import (
     AuthenticationFailed,
@@ -39,32 +37,19 @@ TIMEOUT = 10.0
 
 
 @pytest.fixture
-def ht() -> Iterator[HostThread]:
+def host_thread() -> Iterator[HostThread]:
+    """The host of ``connect`` (conftest), with cheap argon2 parameters."""
     thread = HostThread(lambda: Host(password_hasher=CHEAP))
     yield thread
     thread.stop()
-
-
-@pytest.fixture
-def join(ht: HostThread) -> Iterator[Callable[..., Client]]:
-    clients: list[Client] = []
-
-    def make(kind: str = "server_module", registry: FunctionRegistry | None = None) -> Client:
-        client = Client(ht.connect(kind), functions=registry or FunctionRegistry()).start()
-        clients.append(client)
-        return client
-
-    yield make
-    for c in clients:
-        c.close()
 
 
 def users_call(client: Client, name: str, *args: Any, **kwargs: Any) -> Any:
     return client.call(f"anvil.private.users.{name}", *args, **kwargs)
 
 
-def test_sign_up_logs_the_session_in_and_the_user_is_a_row(join: Callable[..., Client]):
-    client = join()
+def test_sign_up_logs_the_session_in_and_the_user_is_a_row(connect: Callable[..., Client]):
+    client = connect()
     before = client.call("anvil.private.get_session_id")
     user = users_call(client, "signup_with_email", "Ann@Example.com", "correct horse")
     assert isinstance(user, LiveObjectProxy)
@@ -83,8 +68,8 @@ def test_sign_up_logs_the_session_in_and_the_user_is_a_row(join: Callable[..., C
     assert client.call("anvil.private.get_session_id") not in (before, after)
 
 
-def test_login_and_its_refusals(join: Callable[..., Client]):
-    client = join()
+def test_login_and_its_refusals(connect: Callable[..., Client]):
+    client = connect()
     users_call(client, "signup_with_email", "bob@example.com", "long enough")
     users_call(client, "logout")
     with pytest.raises(UserExists):
@@ -101,8 +86,8 @@ def test_login_and_its_refusals(join: Callable[..., Client]):
     assert user["last_login"] >= user["signed_up"]
 
 
-def test_repeated_wrong_passwords_lock_the_account(join: Callable[..., Client]):
-    client = join()
+def test_repeated_wrong_passwords_lock_the_account(connect: Callable[..., Client]):
+    client = connect()
     users_call(client, "signup_with_email", "cat@example.com", "the password")
     for _ in range(4):  # three are free; the fourth starts a lock-out
         with pytest.raises(AuthenticationFailed):
@@ -111,21 +96,21 @@ def test_repeated_wrong_passwords_lock_the_account(join: Callable[..., Client]):
         users_call(client, "login_with_email", "cat@example.com", "the password")
 
 
-def test_a_login_belongs_to_the_caller_s_session_only(join: Callable[..., Client]):
-    ann, other = join(), join()
+def test_a_login_belongs_to_the_caller_s_session_only(connect: Callable[..., Client]):
+    ann, other = connect(), connect()
     users_call(ann, "signup_with_email", "dee@example.com", "the password")
     assert users_call(ann, "get_current_user") is not None
     assert users_call(other, "get_current_user") is None
 
 
-def test_require_user_on_a_callable(join: Callable[..., Client]):
+def test_require_user_on_a_callable(connect: Callable[..., Client]):
     registry = FunctionRegistry()
     registry.register("anyone_logged_in", lambda: "in", require_user=True)
     registry.register(
         "only_admins", lambda: "admin", require_user=lambda u: u["email"].startswith("admin")
     )
-    join("server_module", registry)
-    caller = join("browser")
+    connect("server_module", registry)
+    caller = connect("browser")
     with pytest.raises(AuthenticationFailed, match="must be logged in"):
         caller.call("anyone_logged_in")
     users_call(caller, "signup_with_email", "eve@example.com", "the password")
@@ -137,7 +122,7 @@ def test_require_user_on_a_callable(join: Callable[..., Client]):
     assert caller.call("only_admins") == "admin"
 
 
-def test_the_user_of_the_caller_reaches_server_code(join: Callable[..., Client]):
+def test_the_user_of_the_caller_reaches_server_code(connect: Callable[..., Client]):
     registry = FunctionRegistry()
 
     def whoami() -> Any:
@@ -147,18 +132,18 @@ def test_the_user_of_the_caller_reaches_server_code(join: Callable[..., Client])
         return user["email"] if user is not None else None
 
     registry.register("whoami", whoami)
-    join("server_module", registry)
-    caller = join("browser")
+    connect("server_module", registry)
+    caller = connect("browser")
     assert caller.call("whoami") is None
     users_call(caller, "signup_with_email", "fay@example.com", "the password")
     assert caller.call("whoami") == "fay@example.com"
 
 
-def test_force_login_is_for_server_code_with_rows_the_host_made(join: Callable[..., Client]):
-    server = join()
+def test_force_login_is_for_server_code_with_rows_the_host_made(connect: Callable[..., Client]):
+    server = connect()
     user = users_call(server, "signup_with_email", "gus@example.com", "the password")
     users_call(server, "logout")
-    browser = join("browser")
+    browser = connect("browser")
     with pytest.raises(PermissionDenied, match="server code"):
         users_call(browser, "force_login", user)
     forged = LiveObjectProxy({**user._spec, "id": "someone-else"})
@@ -209,16 +194,8 @@ def users_net() -> Iterator[NetHost]:
 
 
 def serve(net: NetHost, *endpoints: tuple[Callable[..., Any], str, dict[str, Any]]) -> Client:
-    registry = FunctionRegistry()
-    for fn, path, options in endpoints:
-        name, wrapper = make_endpoint(fn, path, **options)
-        registry.register(name, wrapper)
-    client = net.client(registry=registry)
-    for _, path, _ in endpoints:
-        wait_until(
-            lambda p=path: net.ht.run(net.host.endpoint_command, "default", p), TIMEOUT, path
-        )
-    return client
+    """A provider serving *endpoints* (``(fn, path, options)``), once the host routes them."""
+    return net.serve_endpoints(*endpoints)
 
 
 def test_authenticate_users_checks_basic_credentials_against_the_users(users_net: NetHost):

@@ -14,7 +14,7 @@ clients never send it.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import orjson
 
@@ -65,6 +65,7 @@ CLIENT_REGISTER = (
 BAD_NAME = "Invalid function name specification"
 CONNECTION_LOST = "Connection to Anvil Uplink server lost"
 
+#: What a decoded message is; the upper-case kinds are the ones a frame names in its ``type``.
 Kind = Literal[
     "EVENT",
     "CALL",
@@ -115,19 +116,7 @@ def encode(msg: dict[str, Any]) -> bytes:
 
 
 #: The message kinds a frame names in its ``type`` field.
-_TYPED_KINDS = frozenset(
-    {
-        "CALL",
-        "LAUNCH_BACKGROUND",
-        "GET_TASK_STATE",
-        "KILL_TASK",
-        "REGISTER",
-        "UNREGISTER",
-        "CHUNK_HEADER",
-        "MEDIA_ERROR",
-        "EVENT",
-    }
-)
+_TYPED_KINDS = frozenset(k for k in get_args(Kind) if k.isupper())
 
 
 def kind_of(msg: dict[str, Any]) -> Kind:

@@ -184,6 +184,8 @@ class Host(TaskRouting):
         self.events = EventBus()
         #: The users of every app (``anvil.private.users.*``).
         self.accounts = Accounts(secret, self._data_dir, password_hasher)
+        #: Calls the host answers later (logins, task states): cancelled when it closes.
+        self._async_calls: set[asyncio.Task[Any]] = set()
         #: The apps of this host, by name; ``default`` always exists.
         self.apps: dict[str, AppState] = {}
         self.apps[DEFAULT_APP] = self._new_app(DEFAULT_APP, sessions, app_info)
@@ -434,6 +436,8 @@ class Host(TaskRouting):
         for peer in list(self._peers):
             peer.close("host shutting down")
             self.detach(peer)
+        for task in list(self._async_calls):
+            task.cancel()
         for state in self.apps.values():
             state.sessions.close()
             state.tasks.close()
@@ -942,21 +946,34 @@ class Host(TaskRouting):
         args = msg.get("args") or [None]
         return args[0]
 
+    def _move_session(self, ps: PeerState, old: str, new: str, *, copies_valid: bool) -> None:
+        """Every connection and request of *ps*'s app in session *old* continues in *new*.
+
+        Unless *copies_valid* (a login: the data moved with the id), the copies of the session
+        that requests in flight hold belong to the old session, and are dropped when they come
+        back.
+        """
+        extra = [ps] if ps.door else []  # a door is no connection: not among the peers
+        for state in (*self._peers.values(), *extra):
+            if state.app is not ps.app:
+                continue
+            if state.session_id == old:
+                state.session_id = new
+            for req in state.served.values():
+                if req.session_id == old:
+                    req.session_id = new
+                    if not copies_valid:
+                        req.session_version = -1
+                if req.alternate_session == old:
+                    req.alternate_session = new
+
     def _reset_session(self, ps: PeerState, msg: dict[str, Any], rec: SessionRecord | None) -> str:
         if rec is None:
             raise InternalError("There is no session to reset")
         sessions = ps.app.sessions
         fresh = sessions.new(client=rec.client, persistent=rec.persistent)
         parent = parent_request(ps, msg)
-        for state in self._peers.values():
-            if state.app is not ps.app:
-                continue
-            if state.session_id == rec.id:
-                state.session_id = fresh.id
-            for req in state.served.values():
-                if req.session_id == rec.id:
-                    req.session_id = fresh.id
-                    req.session_version = -1  # their copies belong to the old session: dropped
+        self._move_session(ps, rec.id, fresh.id, copies_valid=False)
         if parent is not None:
             parent.session_id = fresh.id
             parent.session_version = fresh.version  # the call that reset it continues in it
@@ -998,8 +1015,10 @@ class Host(TaskRouting):
             )
         ps.pending_async += 1
         task = asyncio.get_running_loop().create_task(work)
+        self._async_calls.add(task)
 
         def done(task: asyncio.Task[tuple[Any, list[Any]]]) -> None:
+            self._async_calls.discard(task)
             ps.pending_async -= 1
             if ps.peer not in self._peers:
                 return  # the caller went away meanwhile
@@ -1057,17 +1076,7 @@ class Host(TaskRouting):
         if sessions.get(rec.id) is not rec:
             raise SessionExpiredError("The session ended while logging in; log in again")
         fresh = sessions.replace(rec, user_id)
-        moved = [ps] if ps.door else []
-        for state in (*self._peers.values(), *moved):
-            if state.app is not ps.app:
-                continue
-            if state.session_id == rec.id:
-                state.session_id = fresh.id
-            for req in state.served.values():
-                if req.session_id == rec.id:
-                    req.session_id = fresh.id
-                if req.alternate_session == rec.id:
-                    req.alternate_session = fresh.id
+        self._move_session(ps, rec.id, fresh.id, copies_valid=True)
         parent = parent_request(ps, msg)
         if parent is not None and parent.session_id == rec.id:
             parent.session_id = fresh.id

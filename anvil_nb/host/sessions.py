@@ -24,7 +24,6 @@ caches live records, so a call costs a store write only when its session data ch
 from __future__ import annotations
 
 import secrets
-import sqlite3
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -35,8 +34,8 @@ from typing import Any
 
 import orjson
 
-from anvil_nb.config import private_file
 from anvil_nb.core.errors import SessionExpiredError
+from anvil_nb.host.sqlitefile import SQLiteFile
 
 __all__ = [
     "DEFAULT_SESSION_TIMEOUT",
@@ -150,7 +149,7 @@ CREATE TABLE IF NOT EXISTS sessions (
 _SCHEMA_VERSION = 2
 
 
-class SQLiteSessionStore(SessionStore):
+class SQLiteSessionStore(SQLiteFile, SessionStore):
     """Records in a SQLite file; they survive a restart of the host.
 
     The file is opened in WAL mode with a busy timeout, so several threads (one connection
@@ -163,15 +162,8 @@ class SQLiteSessionStore(SessionStore):
     """
 
     def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        private_file(self.path)  # session secrets: the owner's only
-        self._local = threading.local()
-        self._connections: list[sqlite3.Connection] = []
-        self._lock = threading.Lock()
-        db = self._db()
-        db.execute("BEGIN IMMEDIATE")
-        try:
+        SQLiteFile.__init__(self, path)
+        with self._transaction() as db:
             version = db.execute("PRAGMA user_version").fetchone()[0]
             if version < 1:
                 db.execute("DROP TABLE IF EXISTS sessions")  # only orphaned connection sessions
@@ -180,23 +172,6 @@ class SQLiteSessionStore(SessionStore):
             if version < _SCHEMA_VERSION:
                 db.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
             db.execute(_SCHEMA)
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-
-    def _db(self) -> sqlite3.Connection:
-        db = getattr(self._local, "db", None)
-        if db is None:
-            db = sqlite3.connect(
-                self.path, timeout=30.0, isolation_level=None, check_same_thread=False
-            )
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=NORMAL")
-            self._local.db = db
-            with self._lock:
-                self._connections.append(db)
-        return db
 
     def get(self, session_id: str) -> SessionRecord | None:  # noqa: D102
         row = (
@@ -263,13 +238,6 @@ class SQLiteSessionStore(SessionStore):
             db.execute("ROLLBACK")
             raise
         return gone
-
-    def close(self) -> None:  # noqa: D102
-        with self._lock:
-            connections, self._connections = self._connections, []
-        for db in connections:
-            db.close()
-        self._local = threading.local()
 
 
 class SessionManager:

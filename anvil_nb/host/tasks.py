@@ -20,7 +20,6 @@ import hashlib
 import hmac
 import json
 import secrets
-import sqlite3
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -30,7 +29,7 @@ from typing import Any
 
 import orjson
 
-from anvil_nb.config import private_file
+from anvil_nb.host.sqlitefile import SQLiteFile
 
 __all__ = [
     "BACKEND",
@@ -199,32 +198,14 @@ CREATE TABLE IF NOT EXISTS tasks (
 """
 
 
-class SQLiteTaskStore(TaskStore):
+class SQLiteTaskStore(SQLiteFile, TaskStore):
     """Records in the ``tasks`` table of an app's SQLite file (WAL mode; one connection per
     thread); the file's other tables belong to other stores.
     """
 
     def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        private_file(self.path)
-        self._local = threading.local()
-        self._connections: list[sqlite3.Connection] = []
-        self._lock = threading.Lock()
+        SQLiteFile.__init__(self, path)
         self._db().execute(_SCHEMA)
-
-    def _db(self) -> sqlite3.Connection:
-        db = getattr(self._local, "db", None)
-        if db is None:
-            db = sqlite3.connect(
-                self.path, timeout=30.0, isolation_level=None, check_same_thread=False
-            )
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=NORMAL")
-            self._local.db = db
-            with self._lock:
-                self._connections.append(db)
-        return db
 
     def put(self, record: TaskRecord) -> None:  # noqa: D102
         blob = orjson.dumps(
@@ -287,13 +268,6 @@ class SQLiteTaskStore(TaskStore):
             "UPDATE tasks SET status = 'missing', ended = ? WHERE status IS NULL", (now,)
         )
         return cursor.rowcount
-
-    def close(self) -> None:  # noqa: D102
-        with self._lock:
-            connections, self._connections = self._connections, []
-        for db in connections:
-            db.close()
-        self._local = threading.local()
 
 
 def now() -> float:

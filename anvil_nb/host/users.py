@@ -31,15 +31,13 @@ Neither a password nor a hash is ever logged or put in an exception message or a
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import secrets
 import sqlite3
-import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TypedDict
@@ -47,7 +45,6 @@ from typing import TypedDict
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 
-from anvil_nb.config import private_file
 from anvil_nb.core.errors import (
     AccountIsNotEnabled,
     AuthenticationFailed,
@@ -55,6 +52,7 @@ from anvil_nb.core.errors import (
     TooManyPasswordFailures,
     UserExists,
 )
+from anvil_nb.host.sqlitefile import SQLiteFile
 
 __all__ = [
     "FREE_FAILURES",
@@ -232,7 +230,7 @@ def _from_row(row: tuple[object, ...]) -> StoredUser:
     return StoredUser(record, str(password_hash), float(next_attempt))  # type: ignore[arg-type]
 
 
-class SQLiteUserStore(UserStore):
+class SQLiteUserStore(SQLiteFile, UserStore):
     """Users in the ``users`` table of a SQLite file.
 
     The file may hold other tables too (the app's sessions): this store creates and uses its
@@ -249,37 +247,8 @@ class SQLiteUserStore(UserStore):
     """
 
     def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        private_file(self.path)
-        self._local = threading.local()
-        self._connections: list[sqlite3.Connection] = []
-        self._lock = threading.Lock()
+        SQLiteFile.__init__(self, path)
         self._db().execute(_SCHEMA)
-
-    def _db(self) -> sqlite3.Connection:
-        db = getattr(self._local, "db", None)
-        if db is None:
-            db = sqlite3.connect(
-                self.path, timeout=30.0, isolation_level=None, check_same_thread=False
-            )
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=NORMAL")
-            self._local.db = db
-            with self._lock:
-                self._connections.append(db)
-        return db
-
-    @contextlib.contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        db = self._db()
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            yield db
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
 
     def _one(self, where: str, value: str) -> StoredUser | None:
         row = self._db().execute(f"SELECT {_COLUMNS} FROM users WHERE {where} = ?", (value,))
@@ -341,13 +310,6 @@ class SQLiteUserStore(UserStore):
                 "SELECT n_password_failures FROM users WHERE id = ?", (user_id,)
             ).fetchone()
         return 0 if row is None else int(row[0])
-
-    def close(self) -> None:  # noqa: D102
-        with self._lock:
-            connections, self._connections = self._connections, []
-        for db in connections:
-            db.close()
-        self._local = threading.local()
 
 
 def _check_email(email: object) -> str:

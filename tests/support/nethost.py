@@ -15,12 +15,14 @@ import tornado.httpserver
 import tornado.netutil
 
 from anvil_nb.client.client import Client, FunctionRegistry
+from anvil_nb.client.endpoints import make_endpoint
 from anvil_nb.client.websocket import WebSocketTransport
 from anvil_nb.core.limits import Limits
 from anvil_nb.host.dispatcher import Host
 from anvil_nb.host.inprocess import HostThread
 from anvil_nb.web.routes import make_app
 from anvil_nb.web.uplink import Keys
+from support.waiting import wait_until
 
 __all__ = ["KEYS", "NetHost"]
 
@@ -62,6 +64,24 @@ class NetHost:
         for name, fn in fns.items():
             registry.register(name, fn)
         return self.client(KEYS.server_key, registry)
+
+    def serve_endpoints(self, *endpoints: tuple[Any, str, dict[str, Any]]) -> Client:
+        """A provider serving HTTP *endpoints* (``(fn, path, options)``, made as
+        ``@server.http_endpoint`` makes them), once the host routes every one of them.
+        """
+        registry = FunctionRegistry()
+        for fn, path, options in endpoints:
+            name, wrapper = make_endpoint(fn, path, **options)
+            registry.register(name, wrapper)
+        client = self.client(registry=registry)
+        for _, path, _ in endpoints:
+            probe = path.replace(":", "")  # any value matches a parameter's group
+            wait_until(
+                lambda probe=probe: self.ht.run(self.host.endpoint_command, "default", probe),
+                10.0,
+                f"the host to route {path}",
+            )
+        return client
 
     def stop(self) -> None:
         for c in self.clients:
