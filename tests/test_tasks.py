@@ -7,6 +7,7 @@ client is in ``test_tasks_real.py``). Tasks synchronise with the test through
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -371,3 +372,25 @@ def test_housekeeping_prunes_finished_records():
         assert len(kept_ids) == KEEP_COUNT + 1  # the newest finished ones, and the running one
     finally:
         host.close()
+
+
+def test_the_admin_view_of_tasks_lists_reads_state_and_kills(host_thread, connect, provider):
+    launcher = connect()
+    done = launcher.call(LAUNCH, "count_to", 2)
+    wait_until(lambda: finished(done), TIMEOUT, "the task to end")
+    spinning = launcher.call(LAUNCH, "spin")
+    wait_until(lambda: spinning.get_state().get("i"), TIMEOUT, "the task to spin")
+    host = host_thread.host
+    listed = host_thread.run(host.tasks, "default")
+    assert [(t["name"], t["status"]) for t in listed] == [
+        ("spin", "running"),
+        ("count_to", "completed"),
+    ]
+    assert listed[1]["state"] == {"progress": 1.0}
+    live = asyncio.run_coroutine_threadsafe(
+        host.task_state("default", listed[0]["id"]), host_thread.loop
+    )
+    assert live.result(TIMEOUT)["i"] > 0
+    assert host_thread.run(host.kill_task, "default", listed[0]["id"]) is True
+    assert spinning.get_termination_status() == "killed"
+    assert host_thread.run(host.kill_task, "default", listed[0]["id"]) is False  # not running

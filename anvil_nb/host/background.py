@@ -74,6 +74,13 @@ _KILLED = "anvil.server.BackgroundTaskKilled"
 _query_ids = itertools.count(1)
 
 
+def _admin_view(r: TaskRecord) -> dict[str, Any]:
+    return {
+        "id": r.id, "name": r.name, "status": r.status or "running", "started": r.started,
+        "ended": r.ended, "provider": r.provider, "launcher": r.launcher, "state": r.state,
+    }  # fmt: skip
+
+
 def _wire_value(value: Any) -> tuple[Any, list[Any]]:
     """A value the host makes (a live object, a datetime) as ``response`` and ``objects``."""
     enc = serialise({"response": value})
@@ -100,6 +107,33 @@ def _shift_args(objects: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 class TaskRouting:
     """Background tasks for :class:`~anvil_nb.host.dispatcher.Host` (see the module)."""
+
+    # -- for the host's admin doors (the Lab panel) --------------------------------------------
+    def tasks(self: Host, app: str) -> list[dict[str, Any]]:
+        """The records of *app*'s tasks, newest first, as plain JSON (``_/admin/tasks``): id,
+        name, status (``"running"`` until it ends), start and end times, the connection that
+        runs or ran it and the one that launched it, and the final state of a finished task.
+        """
+        state = self.app(app)
+        return [_admin_view(r) for r in state.tasks.list(state.name)]
+
+    def kill_task(self: Host, app: str, task_id: str) -> bool:
+        """Kill a running task of *app* (an admin's kill); False if there is no such running task."""
+        state = self.app(app)
+        record = state.tasks.get(state.name, task_id)
+        if record is None or not record.running:
+            return False
+        self._kill(state, record)
+        return True
+
+    async def task_state(self: Host, app: str, task_id: str) -> Any:
+        """The live ``task_state`` of a running task (its final state once it ended)."""
+        state = self.app(app)
+        record = state.tasks.get(state.name, task_id)
+        if record is None:
+            raise BackgroundTaskNotFound(f"No background task with id {task_id!r}")
+        value, _ = await self._task_state(state, record)
+        return value
 
     # -- the task's live object ----------------------------------------------------------------
     def _task_object(self: Host, record: TaskRecord) -> LiveObjectProxy:
