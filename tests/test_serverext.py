@@ -518,6 +518,17 @@ async def test_kernels_inherit_the_uplink_url_and_the_server_key(
 # AnvilNB.public: _/api/... and _/ws
 
 
+@pytest.mark.parametrize("anvil_public", [True])
+async def test_admin_tasks_always_need_jupyter_auth(fetch: Callable[..., Any], token: str):
+    assert (await fetch("admin/tasks")).code in (401, 403)
+    listed = await fetch("admin/tasks", token=token)
+    assert listed.code == 200 and json.loads(listed.body) == []
+    assert (await fetch("admin/tasks?app=nowhere", token=token)).code == 404
+    kill = await fetch("admin/tasks/kill", token=token, method="POST", body=b'{"id": "t-none"}')
+    assert kill.code == 404, kill.body
+    assert b"No running task" in kill.body
+
+
 async def test_api_needs_the_jupyter_token_when_not_public(fetch: Callable[..., Any], token: str):
     response = await fetch("api/x")
     assert response.code in (401, 403), (response.code, response.body)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 from support.waiting import wait_until
 
 from anvil_nb import server
@@ -394,3 +395,42 @@ def test_the_admin_view_of_tasks_lists_reads_state_and_kills(host_thread, connec
     assert host_thread.run(host.kill_task, "default", listed[0]["id"]) is True
     assert spinning.get_termination_status() == "killed"
     assert host_thread.run(host.kill_task, "default", listed[0]["id"]) is False  # not running
+
+
+def test_admin_tasks_over_http_need_the_server_key(gate: threading.Event):
+    from support.nethost import KEYS, NetHost  # noqa: PLC0415
+
+    net = NetHost()
+    try:
+        net.client(registry=tasks_registry(gate))
+        launcher = net.client()
+        task = launcher.call(LAUNCH, "wait_for_gate")
+        wait_until(lambda: task.get_state().get("waiting"), TIMEOUT, "the task to start")
+        base = f"http://127.0.0.1:{net.port}/_/admin/tasks"
+        key = {"Authorization": f"Bearer {KEYS.server_key}"}
+        assert requests.get(base, timeout=TIMEOUT).status_code == 403
+        listed = requests.get(base, headers=key, timeout=TIMEOUT).json()
+        assert [(t["name"], t["status"], t["state"]) for t in listed] == [
+            ("wait_for_gate", "running", {"waiting": True})
+        ]
+        assert requests.get(base + "?app=nowhere", headers=key, timeout=TIMEOUT).status_code == 404
+        bad = requests.post(base + "/kill", data=b"{", headers=key, timeout=TIMEOUT)
+        assert bad.status_code == 400
+        assert (
+            requests.post(
+                base, json={"id": task.get_id()}, headers=key, timeout=TIMEOUT
+            ).status_code
+            == 405
+        )
+        killed = requests.post(
+            base + "/kill", json={"id": task.get_id()}, headers=key, timeout=TIMEOUT
+        )
+        assert killed.json() == {"killed": task.get_id()}
+        assert task.get_termination_status() == "killed"
+        again = requests.post(
+            base + "/kill", json={"id": task.get_id()}, headers=key, timeout=TIMEOUT
+        )
+        assert again.status_code == 404
+    finally:
+        gate.set()
+        net.stop()

@@ -5,7 +5,9 @@ server's own tornado application and event loop. Who may use each route:
 
 * ``_/uplink``: the uplink key alone (no Jupyter token), any Origin, as DESIGN.md decides;
 * ``_/admin/state``: Jupyter's own authentication;
-* ``_/ws`` and ``_/api/...``: Jupyter's authentication unless ``c.AnvilNB.public = True``.
+* ``_/ws``, ``_/api/...`` and the example page ``_/example``: Jupyter's authentication unless
+  ``c.AnvilNB.public = True``;
+* ``_/client.js`` (the browser client): public, like the uplink route: code, no secrets.
 
 Once the server has started, ``ANVIL_NB_URL`` and ``ANVIL_NB_SERVER_KEY`` are put into the
 server's environment, which the kernels it starts inherit: ``%load_ext anvil_nb`` in such a
@@ -48,9 +50,17 @@ from anvil_nb.core.limits import DEFAULT_LIMITS, Limits
 from anvil_nb.host.dispatcher import Host
 from anvil_nb.host.http import Reply
 from anvil_nb.web.api import EndpointServing, app_exists
-from anvil_nb.web.handlers import EventStreaming, admin_state, apps_state, no_app
+from anvil_nb.web.handlers import (
+    EventStreaming,
+    admin_state,
+    admin_tasks,
+    apps_state,
+    kill_request,
+    no_app,
+)
 from anvil_nb.web.routes import Handlers
 from anvil_nb.web.service import HostService
+from anvil_nb.web.static import ClientScriptHandler, ExamplePageHandler
 from anvil_nb.web.uplink import BrowserHandler, UplinkHandler
 
 __all__ = ["AnvilNB"]
@@ -82,6 +92,32 @@ class JupyterBrowserHandler(BrowserHandler, JupyterHandler):
     async def get(self, *args: Any, **kwargs: Any) -> None:
         _require_user(self)
         await super().get(*args, **kwargs)
+
+
+class JupyterClientScriptHandler(ClientScriptHandler, JupyterHandler):
+    """``_/client.js`` inside Jupyter: public (it is code and carries no secrets)."""
+
+    @allow_unauthenticated
+    def get(self, *args: Any) -> None:
+        super().get(*args)
+
+    @allow_unauthenticated
+    def head(self, *args: Any) -> None:
+        super().head(*args)
+
+
+class JupyterExamplePageHandler(ExamplePageHandler, JupyterHandler):
+    """``_/example`` inside Jupyter: Jupyter's authentication unless the extension is public."""
+
+    @allow_unauthenticated  # public, or a Jupyter user: checked here
+    def get(self, *args: Any) -> None:
+        _require_user(self)
+        super().get(*args)
+
+    @allow_unauthenticated
+    def head(self, *args: Any) -> None:
+        _require_user(self)
+        super().head(*args)
 
 
 class JupyterApiHandler(EndpointServing, APIHandler):
@@ -141,6 +177,32 @@ class JupyterAdminAppsHandler(JupyterAdminStateHandler):
     @web.authenticated
     def get(self) -> None:
         self.finish(json.dumps(apps_state(self.host, self.keys)))
+
+
+class JupyterAdminTasksHandler(JupyterAdminStateHandler):
+    """``_/admin/tasks`` (and ``_/admin/tasks/kill``) inside Jupyter: an app's background tasks,
+    behind Jupyter's authentication (and its XSRF check for the kill).
+    """
+
+    @web.authenticated
+    async def get(self) -> None:
+        if self.request.path.endswith("/kill"):
+            raise web.HTTPError(405, "POST to _/admin/tasks/kill")
+        app = self.get_query_argument("app", DEFAULT_APP)
+        tasks = await admin_tasks(self.host, self.keys, app)
+        if tasks is None:
+            self.set_status(404)
+            self.finish(no_app(app))
+        else:
+            self.finish(json.dumps(tasks))
+
+    @web.authenticated
+    def post(self) -> None:
+        if not self.request.path.endswith("/kill"):
+            raise web.HTTPError(405, "GET _/admin/tasks; POST to _/admin/tasks/kill")
+        status, answer = kill_request(self.host, self.request.body)
+        self.set_status(status)
+        self.finish(answer)
 
 
 class JupyterAdminEventsHandler(EventStreaming, JupyterAdminStateHandler):
@@ -237,6 +299,9 @@ class AnvilNB(ExtensionApp):
             admin_state=JupyterAdminStateHandler,
             admin_apps=JupyterAdminAppsHandler,
             admin_events=JupyterAdminEventsHandler,
+            admin_tasks=JupyterAdminTasksHandler,
+            client_js=JupyterClientScriptHandler,
+            example=JupyterExamplePageHandler,
         )
         self.handlers.extend(self.service.routes(PREFIX, handlers, public=self.public))
 

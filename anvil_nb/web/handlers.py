@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import hmac
 import html
 from typing import Any
@@ -18,6 +19,7 @@ import tornado.iostream
 import tornado.web
 
 from anvil_nb.config import DEFAULT_APP, KeyRing, Keys
+from anvil_nb.core.errors import AnvilError
 from anvil_nb.core.events import Event, to_wire
 from anvil_nb.host.dispatcher import Host
 
@@ -28,10 +30,13 @@ __all__ = [
     "AdminAppsHandler",
     "AdminEventsHandler",
     "AdminStateHandler",
+    "AdminTasksHandler",
     "EventStreaming",
     "StatusPageHandler",
     "admin_state",
+    "admin_tasks",
     "apps_state",
+    "kill_request",
     "no_app",
 ]
 
@@ -147,6 +152,64 @@ class AdminStateHandler(_Base):
             self.write_json(404, no_app(app))
         else:
             self.write_json(200, state)
+
+
+#: Running tasks whose live state ``_/admin/tasks`` asks their providers for (newest first).
+LIVE_STATES = 20
+
+
+async def admin_tasks(host: Host, keys: Keys | KeyRing, app: str) -> list[dict[str, Any]] | None:
+    """What ``_/admin/tasks[?app=NAME]`` answers: the app's task records, newest first, the
+    newest running ones with their live ``task_state``; ``None`` for an app the host lacks.
+    """
+    if app not in KeyRing.of(keys).names():
+        return None
+    tasks = host.tasks(app)
+    for task in [t for t in tasks if t["status"] == "running"][:LIVE_STATES]:
+        with contextlib.suppress(AnvilError):
+            task["state"] = await host.task_state(app, task["id"])
+    return tasks
+
+
+def kill_request(host: Host, body: bytes) -> tuple[int, dict[str, Any]]:
+    """``POST _/admin/tasks/kill`` with ``{"app", "id"}``: the status and JSON answer."""
+    try:
+        asked = orjson.loads(body or b"{}")
+        app, task_id = asked.get("app", DEFAULT_APP), asked["id"]
+        if not isinstance(app, str) or not isinstance(task_id, str):
+            raise TypeError
+    except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
+        return 400, {"error": 'send {"app": NAME, "id": TASK_ID} as JSON'}
+    if app not in host.apps:
+        return 404, no_app(app)
+    if not host.kill_task(app, task_id):
+        return 404, {"error": f"No running task {task_id[:100]!r} in app {app[:100]!r}"}
+    return 200, {"killed": task_id}
+
+
+class AdminTasksHandler(_Base):
+    """``_/admin/tasks``: an app's background tasks (live state for running ones), and
+    ``_/admin/tasks/kill``; for the server key's holder.
+    """
+
+    async def get(self) -> None:  # noqa: D102
+        if self.refused_without_the_server_key():
+            return
+        if self.request.path.endswith("/kill"):
+            raise tornado.web.HTTPError(405, "POST to _/admin/tasks/kill")
+        app = self.get_query_argument("app", DEFAULT_APP)
+        tasks = await admin_tasks(self.host, self.keyring, app)
+        if tasks is None:
+            self.write_json(404, no_app(app))
+        else:
+            self.write_json(200, tasks)
+
+    def post(self) -> None:  # noqa: D102
+        if self.refused_without_the_server_key():
+            return
+        if not self.request.path.endswith("/kill"):
+            raise tornado.web.HTTPError(405, "GET _/admin/tasks; POST to _/admin/tasks/kill")
+        self.write_json(*kill_request(self.host, self.request.body))
 
 
 class _Subscription:

@@ -11,11 +11,18 @@ use a route:
 ``_/api/<path>``            HTTP endpoints of ``default``
 ``app/<name>/_/ws``         browser WebSocket of the app *name*
 ``app/<name>/_/api/<path>`` HTTP endpoints of the app *name*
+``_/client.js``             the browser client (public: code, no secrets; also under
+                            ``app/<name>/``; 503 saying how to build it if it is not built)
+``_/example``               a page calling a server function through ``./client.js`` (also
+                            under ``app/<name>/``; public standalone, Jupyter auth in Jupyter)
 ``_/admin/state[?app=N]``   one app's registrations and peers (server key standalone,
                             Jupyter auth in Jupyter)
 ``_/admin/apps``            every app with its URLs, keys, functions and portable classes
                             (the same rules)
 ``_/admin/events[?app=N]``  the host's event stream (Server-Sent Events; the same rules)
+``_/admin/tasks[?app=N]``   an app's background tasks, live state for running ones (GET);
+                            ``POST _/admin/tasks/kill`` ``{"app", "id"}`` kills one (the
+                            same rules)
 ==========================  ======================================================
 
 An app route names an app that exists (it has keys); others are a 404: apps are made by
@@ -37,8 +44,10 @@ from anvil_nb.web.handlers import (
     AdminAppsHandler,
     AdminEventsHandler,
     AdminStateHandler,
+    AdminTasksHandler,
     StatusPageHandler,
 )
+from anvil_nb.web.static import ClientScriptHandler, ExamplePageHandler
 from anvil_nb.web.uplink import BrowserHandler, UplinkHandler
 
 __all__ = ["Handlers", "make_app", "routes", "websocket_settings"]
@@ -54,6 +63,9 @@ class Handlers:
     admin_state: type = AdminStateHandler
     admin_apps: type = AdminAppsHandler
     admin_events: type = AdminEventsHandler
+    admin_tasks: type = AdminTasksHandler
+    client_js: type = ClientScriptHandler
+    example: type = ExamplePageHandler
 
 
 def _join(prefix: str, path: str) -> str:
@@ -79,9 +91,14 @@ def routes(
         (_join(prefix, APP + "_/ws"), handlers.browser, kwargs),
         (_join(prefix, "_/api/(.*)"), handlers.api, kwargs),
         (_join(prefix, APP + "_/api/(.*)"), handlers.api, kwargs),
+        (_join(prefix, r"_/client\.js"), handlers.client_js, kwargs),
+        (_join(prefix, APP + r"_/client\.js"), handlers.client_js, kwargs),
+        (_join(prefix, "_/example"), handlers.example, kwargs),
+        (_join(prefix, APP + "_/example"), handlers.example, kwargs),
         (_join(prefix, "_/admin/state"), handlers.admin_state, kwargs),
         (_join(prefix, "_/admin/apps"), handlers.admin_apps, kwargs),
         (_join(prefix, "_/admin/events"), handlers.admin_events, kwargs),
+        (_join(prefix, "_/admin/tasks(?:/kill)?"), handlers.admin_tasks, kwargs),
     ]
 
 
