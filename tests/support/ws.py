@@ -111,3 +111,5 @@ class RawWS:
         self._reader.cancel()
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(5)
+        if not self.thread.is_alive():  # close it: its default executor (the resolver's
+            self.loop.close()  # threads) goes too, or every RawWS would leave a thread behind
