@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import os
+import sys
 from collections.abc import Callable, Iterator, MutableMapping
 from typing import Any, TypeVar, overload
 
@@ -228,7 +230,9 @@ def connect(
     """
     from anvil_nb.client.websocket import WebSocketTransport  # noqa: PLC0415 - loads tornado
 
-    client = Client(WebSocketTransport(url, key, extra_headers=extra_headers))
+    script = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    label = script if script and script not in ("-c", "-m") else "python"
+    client = Client(WebSocketTransport(url, key, extra_headers=extra_headers, label=label))
     try:
         client.start()
     except AppOfflineError:

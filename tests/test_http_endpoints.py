@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 import requests
-from support.nethost import NetHost
+from support.nethost import KEYS, NetHost
 from support.waiting import wait_until
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect as ws_connect
@@ -493,3 +493,20 @@ def test_http_headers_are_case_insensitive_and_keep_repeats():
 )
 def test_is_cross_site(origin: str | None, fetch_site: str | None, cross: bool):
     assert is_cross_site(origin, fetch_site, "http://127.0.0.1:8888") is cross
+
+
+def test_a_connection_s_label_is_kept_clean_and_short(net: NetHost):
+    from anvil_nb.client.websocket import WebSocketTransport  # noqa: PLC0415
+    from anvil_nb.core.protocol import MAX_LABEL, peer_label  # noqa: PLC0415
+
+    assert peer_label("  report.ipynb ") == "report.ipynb"
+    assert peer_label("a\x00b\nc") == "abc"
+    assert peer_label(42) is None and peer_label("") is None
+    client = Client(
+        WebSocketTransport(net.url, KEYS.server_key, label="x" * 500), functions=FunctionRegistry()
+    ).start()
+    try:
+        peers = net.ht.run(net.host.state)["peers"]
+        assert [p["label"] for p in peers] == ["x" * MAX_LABEL]
+    finally:
+        client.close()

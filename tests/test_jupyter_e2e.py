@@ -240,6 +240,10 @@ def test_two_notebooks_are_two_apps_and_never_collide(jupyter: JupyterServer, cl
         assert info["uplink_url"] == uplink_url and info["functions"] == ["greet"], info
         apps[info["app"]] = (info, text)
     assert sorted(apps) == ["one", "two-notes"]
+    status, one_state = jupyter.request("GET", "anvil/_/admin/state?app=one")
+    assert status == 200, one_state
+    # each kernel says which notebook it is (the Lab panel shows it)
+    assert [p["label"] for p in one_state["peers"]] == ["one.ipynb"], one_state
     for info, text in apps.values():
         assert info["url"].endswith(f"{BASE_URL}anvil/app/{info['app']}/"), info
         keys_file = jupyter.data_dir / "apps" / info["app"] / "keys.json"

@@ -85,6 +85,9 @@ class WebSocketTransport(Transport):
         ``"server_module"`` to join as a kernel would (server key only).
     app : str, optional
         The app to join with the host's own server key (a kernel joins its notebook's app).
+    label : str, optional
+        What this connection is, for people (a notebook's path, a script's name): the host
+        shows it beside the connection's name.
     reconnect : bool
         Reconnect after the connection drops (unless the host refused the key).
     extra_headers : dict, optional
@@ -102,6 +105,7 @@ class WebSocketTransport(Transport):
         *,
         kind: str | None = None,
         app: str | None = None,
+        label: str | None = None,
         reconnect: bool = True,
         extra_headers: Mapping[str, str] | None = None,
         connect_timeout: float = 20.0,
@@ -112,7 +116,7 @@ class WebSocketTransport(Transport):
         self.max_queued_bytes = max_queued_bytes
         self._queued = 0
         self._drained = threading.Condition()
-        self._hello = protocol.hello(key, kind, app)
+        self._hello = protocol.hello(key, kind, app, label)
         #: The key this transport says hello with.
         self.key = key
         self.reconnect = reconnect

@@ -146,16 +146,35 @@ def close_reason(text: str) -> str:
 # Message shapes: every message anvil_nb sends is built here.
 
 
-def hello(key: str, kind: str | None = None, app: str | None = None) -> dict[str, Any]:
+def hello(
+    key: str, kind: str | None = None, app: str | None = None, label: str | None = None
+) -> dict[str, Any]:
     """The first message of an uplink: its key, and anvil_nb's extensions: ``kind`` (a kernel
-    joins as ``server_module``) and ``app`` (the app that the host's own server key joins).
+    joins as ``server_module``), ``app`` (the app that the host's own server key joins) and
+    ``label`` (what the connection is, for people: a notebook's path, a script's name).
     """
     msg: dict[str, Any] = {"key": key, "v": PROTOCOL_VERSION}
     if kind is not None:
         msg["kind"] = kind
     if app is not None:
         msg["app"] = app
+    if label is not None:
+        msg["label"] = label
     return msg
+
+
+#: The longest peer label the host keeps.
+MAX_LABEL = 120
+
+
+def peer_label(value: Any) -> str | None:
+    """A peer's ``label`` as the host keeps it: printable text, at most :data:`MAX_LABEL`
+    characters; anything else is no label.
+    """
+    if not isinstance(value, str):
+        return None
+    text = "".join(c for c in value if c.isprintable())[:MAX_LABEL].strip()
+    return text or None
 
 
 def auth(priv: str, app_info: dict[str, Any]) -> dict[str, Any]:

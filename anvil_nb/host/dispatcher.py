@@ -408,6 +408,7 @@ class Host(TaskRouting):
                 {
                     "name": p.name,
                     "kind": p.kind,
+                    "label": getattr(p, "label", None),
                     "ip": p.client.get("ip"),
                     "calls_in_flight": len(ps.calls),
                 }

@@ -42,8 +42,10 @@ def _joined() -> Connection | None:
     return conn if conn is not None and conn.by_kernel else None
 
 
-def notebook_app() -> str | None:
-    """The app of this kernel's notebook (from ``JPY_SESSION_NAME``), or None without one."""
+def notebook_path() -> str | None:
+    """The kernel's notebook (``JPY_SESSION_NAME``), relative to the server's root when it is
+    inside it; None without one.
+    """
     path = os.environ.get(ENV_NOTEBOOK)
     if not path:
         return None
@@ -51,6 +53,14 @@ def notebook_app() -> str | None:
     if os.path.isabs(path):
         inside = root and os.path.commonpath([root, path]) == os.path.normpath(root)
         path = os.path.relpath(path, root) if inside else os.path.basename(path)
+    return path
+
+
+def notebook_app() -> str | None:
+    """The app of this kernel's notebook (from ``JPY_SESSION_NAME``), or None without one."""
+    path = notebook_path()
+    if not path:
+        return None
     try:
         return app_name(path)
     except ValueError:
@@ -98,7 +108,10 @@ def join(url: str | None = None, key: str | None = None, app: str | None = None)
 def _join_remote(url: str, key: str, app: str | None = None) -> Connection:
     from anvil_nb.client.websocket import WebSocketTransport  # noqa: PLC0415 - loads tornado
 
-    client = Client(WebSocketTransport(url, key, kind="server_module", app=app)).start()
+    label = notebook_path() or "kernel"
+    client = Client(
+        WebSocketTransport(url, key, kind="server_module", app=app, label=label)
+    ).start()
     try:
         state = client.call("anvil.private.host_state")
     except Exception:  # an older host, or one that keeps its keys to itself

@@ -76,6 +76,8 @@ class WebSocketPeer:
     def __init__(self, handler: UplinkHandler, kind: str, ip: str | None):
         self.name = kind  # the host names it at attach
         self.kind = kind
+        #: What the connection says it is (a notebook's path, a script's name), or None.
+        self.label: str | None = None
         self.client: dict[str, Any] = {"type": kind, "ip": ip or ""}
         self._handler = handler
         #: Bytes written and not yet flushed to the socket, and how many writes.
@@ -318,6 +320,7 @@ class UplinkHandler(tornado.websocket.WebSocketHandler):
         keys, state = self.keyring.keys(app), self.host.app(app)
         state.server_key, state.client_key = keys.server_key, keys.client_key
         self.peer = WebSocketPeer(self, kind, self.request.remote_ip)
+        self.peer.label = protocol.peer_label(msg.get("label"))
         self.host.attach(self.peer, app=app)
 
     def _handshake_expired(self) -> None:
