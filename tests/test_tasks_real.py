@@ -47,6 +47,10 @@ def rt_fail():
 @S.callable
 def rt_echo(x):
     return x
+
+@S.callable
+def rt_start(n):  # launched by server code, handed to whoever called
+    return S.launch_background_task("rt_count", n)
 """
 
 WATCH = """
@@ -171,6 +175,24 @@ def test_killing_a_real_uplink_task_answers_as_the_app_server_does(spawn: Spawn,
     finally:
         provider.stop()
         launcher.stop()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_an_untrusted_caller_watches_a_task_it_was_given_but_cannot_kill_it(
+    spawn: Spawn, host: HostProc, mode: str
+):
+    provider = joined(spawn, host, "nb", "provider")
+    caller = joined(spawn, host, mode, "caller", key="client")
+    try:
+        out = caller.run(
+            "t = S.call('rt_start', 9)\nstatus = wait_end(t)\n"
+            "result = [status, t.get_return_value()['n'], catch(t.kill)]"
+        )
+        assert out[:2] == ["completed", 9], out
+        assert out[2]["raised"] and "BackgroundTaskError" in out[2]["is"], out
+    finally:
+        provider.stop()
+        caller.stop()
 
 
 @pytest.mark.parametrize("mode", MODES)
