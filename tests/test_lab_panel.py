@@ -177,24 +177,24 @@ def test_the_panel_shows_apps_calls_and_tasks_and_tries_calls(
 
         open_panel(page, lab)
         panel = page.locator("#anvil-nb-panel")
-        expect(panel.locator(".anvil-nb-status")).to_have_attribute("data-status", "live")
+        expect(panel.locator(".anvil-nb-lab-status")).to_have_attribute("data-status", "live")
 
         # The apps and their registries: names, kinds and providers (the kernels).
-        app = panel.locator('.anvil-nb-app[data-app="panel"]')
-        shop = panel.locator('.anvil-nb-app[data-app="shop"]')
-        greet = app.locator('.anvil-nb-fn[data-name="greet"]')
+        app = panel.locator('.anvil-nb-lab-app[data-app="panel"]')
+        shop = panel.locator('.anvil-nb-lab-app[data-app="shop"]')
+        greet = app.locator('.anvil-nb-lab-fn[data-name="greet"]')
         expect(greet).to_have_attribute("data-kind", "function")
-        expect(greet.locator(".anvil-nb-providers")).to_contain_text("server_module: panel.ipynb")
-        expect(app.locator('.anvil-nb-fn[data-name="task:b_slow"]')).to_have_attribute(
+        expect(greet.locator(".anvil-nb-lab-providers")).to_contain_text("server_module: panel.ipynb")
+        expect(app.locator('.anvil-nb-lab-fn[data-name="task:b_slow"]')).to_have_attribute(
             "data-kind", "task"
         )
-        expect(shop.locator('.anvil-nb-fn[data-name="price"]')).to_have_count(1)
-        expect(shop.locator('.anvil-nb-fn[data-kind="http"]')).to_contain_text("HTTP")
-        expect(app.locator("code.anvil-nb-client-key")).to_have_text(keys["panel"]["client_key"])
-        expect(app.locator(".anvil-nb-keys")).to_contain_text(lab.uplink_url)
+        expect(shop.locator('.anvil-nb-lab-fn[data-name="price"]')).to_have_count(1)
+        expect(shop.locator('.anvil-nb-lab-fn[data-kind="http"]')).to_contain_text("HTTP")
+        expect(app.locator("code.anvil-nb-lab-client-key")).to_have_text(keys["panel"]["client_key"])
+        expect(app.locator(".anvil-nb-lab-keys")).to_contain_text(lab.uplink_url)
 
         # The server key is hidden until "show".
-        server_key = app.locator("code.anvil-nb-server-key")
+        server_key = app.locator("code.anvil-nb-lab-server-key")
         expect(server_key).not_to_have_text(keys["panel"]["server_key"])
         app.get_by_role("button", name="Show the server key of panel").click()
         expect(server_key).to_have_text(keys["panel"]["server_key"])
@@ -209,7 +209,7 @@ def test_the_panel_shows_apps_calls_and_tasks_and_tries_calls(
         try:
             assert caller.call("greet", "ann") == "hi ann"
             answered = time.monotonic()
-            rows = panel.locator('tr.anvil-nb-call[data-function="greet"]')
+            rows = panel.locator('tr.anvil-nb-lab-call[data-function="greet"]')
             expect(rows).to_have_count(1)
             latency = time.monotonic() - answered  # the call's answer to its row in the feed
             ARTIFACTS.mkdir(parents=True, exist_ok=True)
@@ -226,7 +226,7 @@ def test_the_panel_shows_apps_calls_and_tasks_and_tries_calls(
         expect(failed).to_contain_text("TypeError")
         expect(rows.first).to_have_attribute("data-outcome", "error")  # newest first
         failed.click()
-        details = panel.locator(".anvil-nb-call-details")
+        details = panel.locator(".anvil-nb-lab-call-details")
         expect(details).to_contain_text('"call_stack"')
         expect(details).to_contain_text("client_uplink")
         expect(details).to_contain_text("TypeError")
@@ -234,15 +234,15 @@ def test_the_panel_shows_apps_calls_and_tasks_and_tries_calls(
         expect(details).to_have_count(0)
 
         # The running task, with its live state.
-        task = app.locator(".anvil-nb-task", has_text="b_slow")
+        task = app.locator(".anvil-nb-lab-task", has_text="b_slow")
         expect(task).to_have_attribute("data-status", "running")
-        expect(task.locator(".anvil-nb-task-state")).to_contain_text('"progress": 0.4')
+        expect(task.locator(".anvil-nb-lab-task-state")).to_contain_text('"progress": 0.4')
 
         # Try a call, as an untrusted browser: a result, kwargs, and a remote error.
-        form = panel.locator(".anvil-nb-try")
+        form = panel.locator(".anvil-nb-lab-try")
         form.get_by_label("App").select_option("panel")
         form.get_by_label("Function").select_option("greet")
-        result = form.locator(".anvil-nb-try-result")
+        result = form.locator(".anvil-nb-lab-try-result")
         for args, expected in (('["cy"]', '"hi cy"'), ('{"name": "di"}', '"hi di"')):
             form.get_by_label("Arguments (JSON)").fill(args)
             form.get_by_role("button", name="Call").click()
@@ -252,7 +252,7 @@ def test_the_panel_shows_apps_calls_and_tasks_and_tries_calls(
         form.get_by_role("button", name="Call").click()
         expect(result).to_have_attribute("data-state", "error")
         expect(result).to_contain_text("TypeError")
-        browser_rows = panel.locator('tr.anvil-nb-call[data-caller="browser"]')
+        browser_rows = panel.locator('tr.anvil-nb-lab-call[data-caller="browser"]')
         expect(browser_rows).to_have_count(3)
         expect(browser_rows.first).to_contain_text("no")  # untrusted
 

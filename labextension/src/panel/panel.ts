@@ -51,15 +51,15 @@ export class ServerFunctionsPanel extends Widget {
   private shownKeys = new Set<string>();
   private openCall: string | null = null;
   private signatures = new Map<string, string>();
-  private statusEl = h("span", { class: "anvil-nb-status" });
-  private errorEl = h("div", { class: "anvil-nb-error", role: "alert" });
-  private appsEl = h("div", { class: "anvil-nb-apps" });
+  private statusEl = h("span", { class: "anvil-nb-lab-status" });
+  private errorEl = h("div", { class: "anvil-nb-lab-error", role: "alert" });
+  private appsEl = h("div", { class: "anvil-nb-lab-apps" });
   private feedEl = h("tbody");
   private form = {
     app: h("select", { "aria-label": "App" }) as HTMLSelectElement,
     fn: h("select", { "aria-label": "Function" }) as HTMLSelectElement,
     args: h("textarea", { "aria-label": "Arguments (JSON)", rows: "2", spellcheck: "false" }) as HTMLTextAreaElement,
-    result: h("pre", { class: "anvil-nb-try-result", "aria-live": "polite" }),
+    result: h("pre", { class: "anvil-nb-lab-try-result", "aria-live": "polite" }),
   };
 
   constructor() {
@@ -114,26 +114,26 @@ export class ServerFunctionsPanel extends Widget {
   private buildSkeleton(): void {
     const call = h("button", { class: "jp-mod-styled jp-mod-accept", "data-action": "try", type: "button" }, "Call");
     this.node.append(
-      h("header", { class: "anvil-nb-header" }, h("h2", {}, "Server Functions"), this.statusEl),
+      h("header", { class: "anvil-nb-lab-header" }, h("h2", {}, "Server Functions"), this.statusEl),
       this.errorEl,
       this.appsEl,
       h(
         "section",
-        { class: "anvil-nb-try", "aria-label": "Try a call" },
+        { class: "anvil-nb-lab-try", "aria-label": "Try a call" },
         h("h3", {}, "Try a call"),
-        h("p", { class: "anvil-nb-hint" }, "As an untrusted browser, through the app's client.js. Arguments: a JSON list, or an object for keyword arguments."),
-        h("div", { class: "anvil-nb-try-row" }, this.form.app, this.form.fn),
+        h("p", { class: "anvil-nb-lab-hint" }, "As an untrusted browser, through the app's client.js. Arguments: a JSON list, or an object for keyword arguments."),
+        h("div", { class: "anvil-nb-lab-try-row" }, this.form.app, this.form.fn),
         this.form.args,
         call,
         this.form.result,
       ),
       h(
         "section",
-        { class: "anvil-nb-feed", "aria-label": "Calls" },
+        { class: "anvil-nb-lab-feed", "aria-label": "Calls" },
         h("h3", {}, "Calls"),
         h(
           "table",
-          { class: "anvil-nb-calls" },
+          { class: "anvil-nb-lab-calls" },
           h("thead", {}, h("tr", {}, ...["time", "app", "function", "caller", "trusted", "ms", "outcome"].map((t) => h("th", {}, t)))),
           this.feedEl,
         ),
@@ -178,13 +178,13 @@ export class ServerFunctionsPanel extends Widget {
     const m = this.model;
     if (m.apps.length === 0) {
       this.renderIf("apps", "none", this.appsEl, () => [
-        h("p", { class: "anvil-nb-hint" }, "No apps yet: run %load_ext anvil_nb in a notebook."),
+        h("p", { class: "anvil-nb-lab-hint" }, "No apps yet: run %load_ext anvil_nb in a notebook."),
       ]);
       return;
     }
     // Each app is its own element, so a task poll re-renders only the tasks that changed.
-    const existing = new Map([...this.appsEl.querySelectorAll<HTMLElement>(":scope > .anvil-nb-app")].map((e) => [e.dataset.app!, e]));
-    const els = m.apps.map((a) => existing.get(a.app) ?? h("section", { class: "anvil-nb-app", "data-app": a.app }));
+    const existing = new Map([...this.appsEl.querySelectorAll<HTMLElement>(":scope > .anvil-nb-lab-app")].map((e) => [e.dataset.app!, e]));
+    const els = m.apps.map((a) => existing.get(a.app) ?? h("section", { class: "anvil-nb-lab-app", "data-app": a.app }));
     if (els.some((e, i) => this.appsEl.children[i] !== e) || this.appsEl.children.length !== els.length) {
       this.appsEl.replaceChildren(...els);
       this.signatures.delete("apps");
@@ -192,7 +192,7 @@ export class ServerFunctionsPanel extends Widget {
     m.apps.forEach((a, i) => {
       const el = els[i];
       if (el.children.length === 0) {
-        el.append(h("div", { class: "anvil-nb-app-info" }), h("ul", { class: "anvil-nb-registry" }), h("ul", { class: "anvil-nb-tasks" }));
+        el.append(h("div", { class: "anvil-nb-lab-app-info" }), h("ul", { class: "anvil-nb-lab-registry" }), h("ul", { class: "anvil-nb-lab-tasks" }));
       }
       const [info, registry, tasks] = [...el.children];
       const shown = this.shownKeys.has(a.app);
@@ -209,22 +209,22 @@ export class ServerFunctionsPanel extends Widget {
 
   private appInfo(app: string, url: string, uplink: string, clientKey: string, serverKey: string, shown: boolean): Child[] {
     const copy = (what: string, value: string) =>
-      h("button", { class: "anvil-nb-icon-button", "data-action": "copy", "data-value": value, title: `Copy the ${what}`, "aria-label": `Copy the ${what} of ${app}` }, "copy");
+      h("button", { class: "anvil-nb-lab-icon-button", "data-action": "copy", "data-value": value, title: `Copy the ${what}`, "aria-label": `Copy the ${what} of ${app}` }, "copy");
     return [
-      h("h3", { class: "anvil-nb-app-name" }, app, " ", h("a", { href: url, target: "_blank", class: "anvil-nb-hint" }, url)),
+      h("h3", { class: "anvil-nb-lab-app-name" }, app, " ", h("a", { href: url, target: "_blank", class: "anvil-nb-lab-hint" }, url)),
       h(
         "dl",
-        { class: "anvil-nb-keys" },
+        { class: "anvil-nb-lab-keys" },
         h("dt", {}, "uplink"),
         h("dd", {}, h("code", {}, uplink), copy("uplink URL", uplink)),
         h("dt", {}, "client key"),
-        h("dd", {}, h("code", { class: "anvil-nb-client-key" }, clientKey), copy("client key", clientKey)),
+        h("dd", {}, h("code", { class: "anvil-nb-lab-client-key" }, clientKey), copy("client key", clientKey)),
         h("dt", {}, "server key"),
         h(
           "dd",
           {},
-          h("code", { class: "anvil-nb-server-key" }, shown ? serverKey : "•".repeat(12)),
-          h("button", { class: "anvil-nb-icon-button", "data-action": "toggle-key", "data-app": app, "aria-label": `${shown ? "Hide" : "Show"} the server key of ${app}` }, shown ? "hide" : "show"),
+          h("code", { class: "anvil-nb-lab-server-key" }, shown ? serverKey : "•".repeat(12)),
+          h("button", { class: "anvil-nb-lab-icon-button", "data-action": "toggle-key", "data-app": app, "aria-label": `${shown ? "Hide" : "Show"} the server key of ${app}` }, shown ? "hide" : "show"),
           copy("server key", serverKey),
         ),
       ),
@@ -234,16 +234,16 @@ export class ServerFunctionsPanel extends Widget {
   private registry(registrations: Record<string, string[]>, peers: Peer[]): Child[] {
     const kinds = new Map(peers.map((p) => [p.name, p.label ? `${p.kind}: ${p.label}` : p.kind]));
     const names = Object.keys(registrations).sort();
-    if (names.length === 0) return [h("li", { class: "anvil-nb-hint" }, "nothing registered")];
+    if (names.length === 0) return [h("li", { class: "anvil-nb-lab-hint" }, "nothing registered")];
     return names.map((name) => {
       const kind = nameKind(name);
       const providers = registrations[name].map((p) => `${p} (${kinds.get(p) ?? "gone"})`).join(", ");
       return h(
         "li",
-        { class: "anvil-nb-fn", "data-name": name, "data-kind": kind },
-        kind !== "function" && h("span", { class: `anvil-nb-badge anvil-nb-badge-${kind}` }, kind === "http" ? "HTTP" : "task"),
+        { class: "anvil-nb-lab-fn", "data-name": name, "data-kind": kind },
+        kind !== "function" && h("span", { class: `anvil-nb-lab-badge anvil-nb-lab-badge-${kind}` }, kind === "http" ? "HTTP" : "task"),
         h("code", {}, name),
-        h("span", { class: "anvil-nb-providers" }, providers),
+        h("span", { class: "anvil-nb-lab-providers" }, providers),
       );
     });
   }
@@ -252,14 +252,14 @@ export class ServerFunctionsPanel extends Widget {
     return tasks.map((t) =>
       h(
         "li",
-        { class: "anvil-nb-task", "data-task-id": t.id, "data-status": t.status },
-        h("span", { class: "anvil-nb-badge anvil-nb-badge-task" }, "task"),
+        { class: "anvil-nb-lab-task", "data-task-id": t.id, "data-status": t.status },
+        h("span", { class: "anvil-nb-lab-badge anvil-nb-lab-badge-task" }, "task"),
         h("code", {}, t.name),
-        h("span", { class: "anvil-nb-task-status" }, t.status),
-        h("span", { class: "anvil-nb-hint" }, elapsed(t)),
-        t.state !== null && t.state !== undefined && h("code", { class: "anvil-nb-task-state" }, json(t.state).replace(/\s+/g, " ")),
+        h("span", { class: "anvil-nb-lab-task-status" }, t.status),
+        h("span", { class: "anvil-nb-lab-hint" }, elapsed(t)),
+        t.state !== null && t.state !== undefined && h("code", { class: "anvil-nb-lab-task-state" }, json(t.state).replace(/\s+/g, " ")),
         t.status === "running" &&
-          h("button", { class: "jp-mod-styled jp-mod-warn anvil-nb-kill", "data-action": "kill", "data-app": app, "data-id": t.id, type: "button" }, "Kill"),
+          h("button", { class: "jp-mod-styled jp-mod-warn anvil-nb-lab-kill", "data-action": "kill", "data-app": app, "data-id": t.id, type: "button" }, "Kill"),
       ),
     );
   }
@@ -290,7 +290,7 @@ export class ServerFunctionsPanel extends Widget {
     const out = this.form.result;
     const app = this.form.app.value;
     const fn = this.form.fn.value;
-    out.className = "anvil-nb-try-result";
+    out.className = "anvil-nb-lab-try-result";
     if (!app || !fn) {
       out.textContent = "Pick an app and a function.";
       return;
@@ -299,7 +299,7 @@ export class ServerFunctionsPanel extends Widget {
     try {
       args = JSON.parse(this.form.args.value.trim() || "[]");
     } catch (error) {
-      out.classList.add("anvil-nb-try-error");
+      out.classList.add("anvil-nb-lab-try-error");
       out.textContent = `The arguments are not JSON: ${(error as Error).message}`;
       return;
     }
@@ -317,7 +317,7 @@ export class ServerFunctionsPanel extends Widget {
       out.textContent = json(result);
     } catch (error: any) {
       out.dataset.state = "error";
-      out.classList.add("anvil-nb-try-error");
+      out.classList.add("anvil-nb-lab-try-error");
       out.textContent = `${error?.type ?? error?.name ?? "Error"}: ${error?.message ?? error}`;
     }
   }
@@ -337,7 +337,7 @@ export class ServerFunctionsPanel extends Widget {
     return h(
       "tr",
       {
-        class: `anvil-nb-call anvil-nb-outcome-${outcome}`,
+        class: `anvil-nb-lab-call anvil-nb-lab-outcome-${outcome}`,
         "data-action": "open-call",
         "data-call-id": c.id,
         "data-function": c.command,
@@ -359,14 +359,14 @@ export class ServerFunctionsPanel extends Widget {
     const error = c.ok === false ? { type: c.errorType, message: c.errorMessage, trace: c.trace } : null;
     return h(
       "tr",
-      { class: "anvil-nb-call-details" },
+      { class: "anvil-nb-lab-call-details" },
       h(
         "td",
         { colspan: "7" },
-        h("div", { class: "anvil-nb-hint" }, "CallContext"),
+        h("div", { class: "anvil-nb-lab-hint" }, "CallContext"),
         h("pre", {}, json(c.context)),
-        error && h("div", { class: "anvil-nb-hint" }, "error"),
-        error && h("pre", { class: "anvil-nb-try-error" }, json(error)),
+        error && h("div", { class: "anvil-nb-lab-hint" }, "error"),
+        error && h("pre", { class: "anvil-nb-lab-try-error" }, json(error)),
       ),
     );
   }
@@ -390,7 +390,7 @@ export class ServerFunctionsPanel extends Widget {
       case "kill":
         (target as HTMLButtonElement).disabled = true;
         this.model.kill(d.app!, d.id!).catch((error) => {
-          target.replaceWith(h("span", { class: "anvil-nb-try-error" }, `kill failed: ${error.message}`));
+          target.replaceWith(h("span", { class: "anvil-nb-lab-try-error" }, `kill failed: ${error.message}`));
         });
         break;
       case "try":
