@@ -184,13 +184,17 @@ def test_the_panel_shows_apps_calls_and_tasks_and_tries_calls(
         shop = panel.locator('.anvil-nb-lab-app[data-app="shop"]')
         greet = app.locator('.anvil-nb-lab-fn[data-name="greet"]')
         expect(greet).to_have_attribute("data-kind", "function")
-        expect(greet.locator(".anvil-nb-lab-providers")).to_contain_text("server_module: panel.ipynb")
+        expect(greet.locator(".anvil-nb-lab-providers")).to_contain_text(
+            "server_module: panel.ipynb"
+        )
         expect(app.locator('.anvil-nb-lab-fn[data-name="task:b_slow"]')).to_have_attribute(
             "data-kind", "task"
         )
         expect(shop.locator('.anvil-nb-lab-fn[data-name="price"]')).to_have_count(1)
         expect(shop.locator('.anvil-nb-lab-fn[data-kind="http"]')).to_contain_text("HTTP")
-        expect(app.locator("code.anvil-nb-lab-client-key")).to_have_text(keys["panel"]["client_key"])
+        expect(app.locator("code.anvil-nb-lab-client-key")).to_have_text(
+            keys["panel"]["client_key"]
+        )
         expect(app.locator(".anvil-nb-lab-keys")).to_contain_text(lab.uplink_url)
 
         # The server key is hidden until "show".
@@ -268,5 +272,17 @@ def test_the_panel_shows_apps_calls_and_tasks_and_tries_calls(
         task.get_by_role("button", name="Kill").click()
         expect(task).to_have_attribute("data-status", "killed", timeout=WAIT * 1000)
         expect(task.get_by_role("button", name="Kill")).to_have_count(0)
+
+        # The Lab's theme: the panel follows it (its CSS is the Lab's variables only).
+        background = """() => getComputedStyle(document.querySelector('#anvil-nb-panel'))
+            .backgroundColor.match(/\\d+/g).slice(0, 3).reduce((a, b) => a + Number(b), 0)"""
+        light = page.evaluate(background)
+        page.locator(".lm-MenuBar-itemLabel", has_text="Settings").first.click()
+        page.locator(".lm-Menu-item", has_text="Theme").first.hover()
+        page.locator(".lm-Menu-item", has_text="JupyterLab Dark").first.click()
+        expect(page.locator("body")).to_have_attribute(
+            "data-jp-theme-light", "false", timeout=WAIT * 1000
+        )
+        wait_until(lambda: page.evaluate(background) < light / 2, WAIT, "the panel to turn dark")
 
     assert lab.stop() == 0, f"jupyter lab did not stop cleanly on SIGTERM:\n{lab.log()}"

@@ -109,6 +109,9 @@ class RawWS:
         with contextlib.suppress(Exception):
             self.loop.call_soon_threadsafe(self.ws.close)
         self._reader.cancel()
+        # let the loop finish the reader's cancellation before it stops (no task left pending)
+        with contextlib.suppress(Exception):
+            self._run(asyncio.sleep(0), timeout=5)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(5)
         if not self.thread.is_alive():  # close it: its default executor (the resolver's
