@@ -3,9 +3,10 @@
 The source tree (built already: ``pip install -e`` ran the npm build) is copied into a
 temporary folder, keeping modification times so the build hook sees the builds as fresh and
 needs no Node, and ``pip wheel`` builds there (an isolated build, as any user's ``pip install``
-would; the build requirements come from PyPI). The test then looks inside the wheel, and asks
-``jupyter labextension list`` about the extension as a user's environment would have it: the
-wheel's ``share/jupyter`` data on ``JUPYTER_PATH``. Nothing is written into the checkout.
+would; the build requirements come from PyPI). The wheel is then installed by pip into a fresh
+prefix in a temporary folder, and ``jupyter labextension list`` is asked about the extension
+with that prefix's ``share/jupyter`` on ``JUPYTER_PATH``, as a user's environment would have
+it. Nothing is written into the checkout.
 """
 
 from __future__ import annotations
@@ -38,16 +39,18 @@ def test_the_wheel_carries_the_prebuilt_extension_and_the_client(tmp_path: Path)
     (wheel,) = out.glob("anvil_nb-*.whl")
     with zipfile.ZipFile(wheel) as zf:
         names = zf.namelist()
-        zf.extractall(tmp_path / "unpacked")
     assert "anvil_nb/static/client.js" in names
-    data = next(
-        n.split("/")[0]
-        for n in names
-        if n.endswith(".data/data/share/jupyter/labextensions/anvil_nb/package.json")
-    )
-    share = tmp_path / "unpacked" / data / "data" / "share" / "jupyter"
-    assert (share / "labextensions" / "anvil_nb" / "install.json").exists()
-    assert any((share / "labextensions" / "anvil_nb" / "static").glob("remoteEntry.*.js"))
+    # pip installs it as it would for a user (its data files under the prefix's share/)
+    prefix = tmp_path / "prefix"
+    installed = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "--quiet", "--prefix", str(prefix), str(wheel)],
+        capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert installed.returncode == 0, installed.stdout + installed.stderr
+    share = prefix / "share" / "jupyter"
+    extension = share / "labextensions" / "anvil_nb"
+    assert (extension / "install.json").exists()
+    assert any((extension / "static").glob("remoteEntry.*.js"))
     env = {**os.environ, "JUPYTER_PATH": str(share), "JUPYTER_CONFIG_DIR": str(tmp_path / "cfg")}
     listed = subprocess.run(
         [sys.executable, "-m", "jupyter", "labextension", "list"],
