@@ -46,50 +46,24 @@ never a fixed sleep.
 
 from __future__ import annotations
 
-import contextlib
-import os
 import re
 import sys
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from playwright.sync_api import BrowserContext, Page, expect
-from support.browser import WAIT, JupyterLab, open_and_run_notebook
+from playwright.sync_api import BrowserContext, expect
+from support.browser import ARTIFACTS, WAIT, JupyterLab, artifacts_on_failure, open_and_run_notebook
 from support.waiting import wait_until
 
 from anvil_nb.client.client import Client, FunctionRegistry
 from anvil_nb.client.websocket import WebSocketTransport
 
-#: Screenshots and failure pages go outside the checkout (tests write nothing into it):
-#: ``$ANVIL_NB_TEST_ARTIFACTS``, or ``anvil_nb-test-artifacts`` in the temp folder.
-ARTIFACTS = Path(
-    os.environ.get("ANVIL_NB_TEST_ARTIFACTS")
-    or Path(tempfile.gettempdir()) / "anvil_nb-test-artifacts"
-)
 CELLS = [
     "%load_ext anvil_nb",
     '%%callable\ndef greet(name):\n    return "hi " + name',
     "%anvil dashboard",
 ]
 TABS = ["Calls", "Sessions", "Capabilities", "Registry"]
-
-
-@contextlib.contextmanager
-def artifacts_on_failure(page: Page, lab: JupyterLab) -> Iterator[None]:
-    """On any failure, keep a screenshot, the page's HTML and the server's log."""
-    try:
-        yield
-    except BaseException:
-        ARTIFACTS.mkdir(parents=True, exist_ok=True)
-        with contextlib.suppress(Exception):
-            page.screenshot(path=str(ARTIFACTS / "browser-failure.png"), timeout=5000)
-        with contextlib.suppress(Exception):
-            (ARTIFACTS / "browser-failure.html").write_text(page.content())
-        (ARTIFACTS / "browser-failure-jupyter.log").write_text(lab.log(200_000))
-        print(f"browser test artifacts in {ARTIFACTS}; jupyter lab log tail:\n{lab.log(3000)}")
-        raise
 
 
 def test_the_dashboard_shows_calls_from_an_external_client(
@@ -101,7 +75,7 @@ def test_the_dashboard_shows_calls_from_an_external_client(
     assert spec["spec"]["argv"][0] in ("python", sys.executable), spec
 
     page = browser.pages[0] if browser.pages else browser.new_page()
-    with artifacts_on_failure(page, lab):
+    with artifacts_on_failure(page, lab, "browser"):
         open_and_run_notebook(page, lab, CELLS)
 
         # %load_ext joined the server's host and %%callable registered greet there.
@@ -180,7 +154,7 @@ def test_the_tasks_tab_shows_a_progress_bar_and_kills_a_task(
     lab: JupyterLab, browser: BrowserContext
 ):
     page = browser.pages[0] if browser.pages else browser.new_page()
-    with artifacts_on_failure(page, lab):
+    with artifacts_on_failure(page, lab, "browser"):
         open_and_run_notebook(page, lab, TASK_CELLS)
         dashboard = page.locator(".widget-tab").first
         tab = dashboard.locator(".lm-TabBar-tab", has_text="Tasks")

@@ -26,8 +26,6 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import hashlib
-import os
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -35,7 +33,7 @@ from typing import Any
 import pytest
 import requests
 from playwright.sync_api import BrowserContext, Page, expect
-from support.browser import WAIT
+from support.browser import ARTIFACTS, WAIT
 from support.nethost import NetHost
 
 # The Jupyter placement's fixtures (a pytest-jupyter server with the extension): shared with
@@ -60,10 +58,6 @@ from anvil_nb.media import BlobMedia
 from anvil_nb.web import static
 
 pytest_plugins = ["pytest_jupyter.jupyter_server"]
-ARTIFACTS = Path(
-    os.environ.get("ANVIL_NB_TEST_ARTIFACTS")
-    or Path(tempfile.gettempdir()) / "anvil_nb-test-artifacts"
-)
 JS = "text/javascript; charset=utf-8"
 
 requires_built_client = pytest.mark.skipif(

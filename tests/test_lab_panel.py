@@ -27,28 +27,28 @@ and the uplink client are stopped at the end.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from playwright.sync_api import BrowserContext, Page, expect
-from support.browser import START_WAIT, WAIT, JupyterLab, write_notebook
+from support.browser import (
+    ARTIFACTS,
+    START_WAIT,
+    WAIT,
+    JupyterLab,
+    artifacts_on_failure,
+    write_notebook,
+)
 from support.waiting import wait_until
 
 from anvil_nb.client.client import Client, FunctionRegistry
 from anvil_nb.client.websocket import WebSocketTransport
 
-ARTIFACTS = Path(
-    os.environ.get("ANVIL_NB_TEST_ARTIFACTS")
-    or Path(tempfile.gettempdir()) / "anvil_nb-test-artifacts"
-)
 README_IMAGE = Path(__file__).resolve().parents[1] / "docs" / "images" / "lab-panel.png"
 
 PANEL_CELLS = [
@@ -97,21 +97,6 @@ def test_the_labextension_is_installed_and_enabled():
     assert Path(sys.prefix, "share/jupyter/labextensions/anvil_nb/package.json").is_file()
 
 
-@contextlib.contextmanager
-def artifacts_on_failure(page: Page, lab: JupyterLab) -> Iterator[None]:
-    try:
-        yield
-    except BaseException:
-        ARTIFACTS.mkdir(parents=True, exist_ok=True)
-        with contextlib.suppress(Exception):
-            page.screenshot(path=str(ARTIFACTS / "lab-panel-failure.png"), timeout=5000)
-        with contextlib.suppress(Exception):
-            (ARTIFACTS / "lab-panel-failure.html").write_text(page.content())
-        (ARTIFACTS / "lab-panel-failure-jupyter.log").write_text(lab.log(200_000))
-        print(f"lab panel test artifacts in {ARTIFACTS}; jupyter lab log tail:\n{lab.log(3000)}")
-        raise
-
-
 def run_notebook(page: Page, lab: JupyterLab, name: str, cells: list[str]) -> None:
     """Write *name*.ipynb, open it in *page*, wait for its kernel, and Run → Run All Cells."""
     path = f"{name}.ipynb"
@@ -158,7 +143,7 @@ def test_the_panel_shows_apps_calls_and_tasks_and_tries_calls(
     lab: JupyterLab, browser: BrowserContext
 ):
     page = browser.pages[0] if browser.pages else browser.new_page()
-    with artifacts_on_failure(page, lab):
+    with artifacts_on_failure(page, lab, "lab-panel"):
         # Two notebooks, two apps, each in a page of its own (their kernels outlive the pages).
         for name, cells, function in (
             ("panel", PANEL_CELLS, "greet"),

@@ -40,10 +40,11 @@ def test_the_wheel_carries_the_prebuilt_extension_and_the_client(tmp_path: Path)
     with zipfile.ZipFile(wheel) as zf:
         names = zf.namelist()
     assert "anvil_nb/static/client.js" in names
-    # pip installs it as it would for a user (its data files under the prefix's share/)
+    # pip installs it as it would for a user (its data files under the prefix's share/);
+    # --ignore-installed: never touch this environment's own (editable) anvil_nb
     prefix = tmp_path / "prefix"
     installed = subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--no-deps", "--quiet", "--prefix", str(prefix), str(wheel)],
+        [sys.executable, "-m", "pip", "install", "--no-deps", "--ignore-installed", "--quiet", "--prefix", str(prefix), str(wheel)],
         capture_output=True, text=True, timeout=300, check=False,
     )  # fmt: skip
     assert installed.returncode == 0, installed.stdout + installed.stderr

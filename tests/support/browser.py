@@ -29,6 +29,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -41,12 +42,14 @@ from support.jupyter import START_WAIT, WAIT, JupyterProcess, jupyter_env
 from support.waiting import wait_until
 
 __all__ = [
+    "ARTIFACTS",
     "CHROMIUM",
     "CHROMIUM_ARGS",
     "NOTEBOOK",
     "START_WAIT",
     "WAIT",
     "JupyterLab",
+    "artifacts_on_failure",
     "chromium",
     "open_and_run_notebook",
     "require_chromium",
@@ -64,6 +67,12 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
+#: Where browser tests put screenshots and, on a failure, the page and the server's log.
+ARTIFACTS = Path(
+    os.environ.get("ANVIL_NB_TEST_ARTIFACTS")
+    or Path(tempfile.gettempdir()) / "anvil_nb-test-artifacts"
+)
+
 #: The notebook :func:`open_and_run_notebook` writes and opens.
 NOTEBOOK = "dashboard.ipynb"
 
@@ -203,3 +212,21 @@ def open_and_run_notebook(page: Page, lab: JupyterLab, cells: list[str]) -> None
 
     page.locator(".lm-MenuBar-itemLabel", has_text="Run").first.click()
     page.locator(".lm-Menu-item", has_text="Run All Cells").first.click()
+
+
+@contextlib.contextmanager
+def artifacts_on_failure(page: Page, lab: JupyterLab, name: str) -> Iterator[None]:
+    """On any failure, keep ``NAME-failure.png``, the page's HTML and the server's log in
+    :data:`ARTIFACTS`, and print where they are with the log's tail.
+    """
+    try:
+        yield
+    except BaseException:
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(Exception):
+            page.screenshot(path=str(ARTIFACTS / f"{name}-failure.png"), timeout=5000)
+        with contextlib.suppress(Exception):
+            (ARTIFACTS / f"{name}-failure.html").write_text(page.content())
+        (ARTIFACTS / f"{name}-failure-jupyter.log").write_text(lab.log(200_000))
+        print(f"{name} test artifacts in {ARTIFACTS}; jupyter lab log tail:\n{lab.log(3000)}")
+        raise
