@@ -318,7 +318,7 @@ def test_a_tampered_or_unknown_cookie_gets_a_fresh_session(net: NetHost):
     serve(net, (counter, "/count", {}))
     good = get(net, "/count").cookies[COOKIE]
     session_id, _, mac = good.rpartition(".")
-    for bad in (f"{session_id}.{'0' * len(mac)}", f"other.{mac}", "garbage", ""):
+    for bad in (f"{session_id}.{'0' * len(mac)}", f"other.{mac}", "garbage", "", f"{session_id}.é"):
         response = get(net, "/count", cookies={COOKIE: bad})
         assert response.json() == 1, bad
     assert get(net, "/count", cookies={COOKIE: good}).json() == 2

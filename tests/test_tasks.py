@@ -25,6 +25,7 @@ from anvil_nb.core.errors import (
     BackgroundTaskKilled,
     BackgroundTaskNotFound,
     NoServerFunctionError,
+    PermissionDenied,
 )
 from anvil_nb.host.dispatcher import Host
 from anvil_nb.host.inprocess import HostThread
@@ -180,6 +181,9 @@ def test_untrusted_callers_cannot_launch_list_get_or_kill(connect, provider, gat
     wait_until(lambda: theirs.get_state().get("waiting"), TIMEOUT, "the state, seen by the browser")
     with pytest.raises(BackgroundTaskError):
         theirs.kill()
+    for forged in ({**theirs._spec, "mac": "é" * 64}, {**theirs._spec, "id": '"t-other"'}):
+        with pytest.raises(PermissionDenied, match="not a background task"):
+            browser._live_call(forged, "get_state")
     gate.set()
     wait_until(lambda: finished(theirs), TIMEOUT, "the task to end")
     assert theirs.get_return_value() == "opened"

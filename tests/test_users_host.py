@@ -149,6 +149,9 @@ def test_force_login_is_for_server_code_with_rows_the_host_made(connect: Callabl
     forged = LiveObjectProxy({**user._spec, "id": "someone-else"})
     with pytest.raises(PermissionDenied, match="not a row"):
         users_call(server, "force_login", forged)
+    odd = LiveObjectProxy({**user._spec, "mac": "é" * 64})  # not even ASCII
+    with pytest.raises(PermissionDenied, match="not a row"):
+        users_call(server, "force_login", odd)
     assert users_call(server, "force_login", user) == user
     assert users_call(server, "get_current_user")["email"] == "gus@example.com"
 

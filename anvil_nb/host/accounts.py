@@ -162,7 +162,7 @@ class Accounts:
         ok = isinstance(entry, dict) and entry.get("backend") == ROW_BACKEND
         user_id, mac = (entry.get("id"), entry.get("mac")) if ok else (None, None)
         if not (isinstance(user_id, str) and isinstance(mac, str)) or not hmac.compare_digest(
-            mac, self._mac(app, user_id)
+            mac.encode("utf-8", "replace"), self._mac(app, user_id).encode()
         ):
             raise PermissionDenied("That is not a row of this app's users table")
         user = self.users(app).get(user_id)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import hmac
 import itertools
 import json
 import logging
@@ -157,7 +158,9 @@ class TaskRouting:
         if (
             not isinstance(task_id, str)
             or not isinstance(mac, str)
-            or mac != task_mac(self.secret, app.name, task_id)
+            or not hmac.compare_digest(
+                mac.encode("utf-8", "replace"), task_mac(self.secret, app.name, task_id).encode()
+            )
         ):
             raise PermissionDenied("That is not a background task of this app")
         record = app.tasks.get(app.name, task_id)

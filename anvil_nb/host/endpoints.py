@@ -124,7 +124,9 @@ class EndpointDoor:
         if not value or "." not in value or len(value) > 200:
             return None
         session_id, _, mac = value.rpartition(".")
-        if not hmac.compare_digest(mac, self._mac(app, session_id)):
+        if not hmac.compare_digest(
+            mac.encode("utf-8", "replace"), self._mac(app, session_id).encode()
+        ):
             return None
         sessions = self.host.app(app).sessions
         record = sessions.get(session_id)
