@@ -52,7 +52,14 @@ from pathlib import Path
 
 import pytest
 from playwright.sync_api import BrowserContext, expect
-from support.browser import ARTIFACTS, WAIT, JupyterLab, artifacts_on_failure, open_and_run_notebook
+from support.browser import (
+    ARTIFACTS,
+    WAIT,
+    JupyterLab,
+    artifacts_on_failure,
+    open_and_run_notebook,
+    slow_task_cells,
+)
 from support.waiting import wait_until
 
 from anvil_nb.client.client import Client, FunctionRegistry
@@ -132,22 +139,7 @@ def test_the_dashboard_shows_calls_from_an_external_client(
     assert lab.stop() == 0, f"jupyter lab did not stop cleanly on SIGTERM:\n{lab.log()}"
 
 
-TASK_CELLS = [
-    "%load_ext anvil_nb",
-    "%%callable\n"
-    "import threading\n"
-    "from anvil_nb import server\n"
-    "release = threading.Event()\n"
-    "\n"
-    "@server.background_task\n"
-    "def b_slow():\n"
-    "    server.task_state['progress'] = 40\n"
-    "    while not release.is_set():  # short waits: a kill ends it at once\n"
-    "        release.wait(0.05)\n"
-    "    return 'done'",
-    "b_task = server.launch_background_task('b_slow')",
-    "%anvil dashboard",
-]
+TASK_CELLS = ["%load_ext anvil_nb", *slow_task_cells(40), "%anvil dashboard"]
 
 
 def test_the_tasks_tab_shows_a_progress_bar_and_kills_a_task(

@@ -28,7 +28,7 @@ from anvil_nb.client.endpoints import HttpHeaders, HttpResponse, endpoint_name, 
 from anvil_nb.client.endpoints import request as server_request
 from anvil_nb.core.events import CallStarted, Event
 from anvil_nb.core.media import BlobMedia
-from anvil_nb.host.endpoints import cookie_name, is_cross_site
+from anvil_nb.host.endpoints import cookie_name, door_of, is_cross_site
 from anvil_nb.host.http import (
     Incoming,
     RenderError,
@@ -510,3 +510,40 @@ def test_a_connection_s_label_is_kept_clean_and_short(net: NetHost):
         assert [p["label"] for p in peers] == ["x" * MAX_LABEL]
     finally:
         client.close()
+
+
+def test_a_host_side_failure_gets_its_own_status():
+    """503 past the requests in flight, 504 past the call timeout, 502 when the provider is
+    lost mid-call (docs/http.md), each with a body that says so.
+    """
+    net = NetHost(max_calls_in_flight=1)
+    gate = threading.Event()
+    try:
+        holder: list[Client] = []
+
+        def lost() -> None:
+            holder[0].close()  # the provider goes away while serving
+
+        holder.append(
+            net.serve_endpoints((lambda: gate.wait(TIMEOUT), "/slow", {}), (lost, "/lost", {}))
+        )
+        first = threading.Thread(target=lambda: get(net, "/slow"))
+        first.start()
+        wait_until(
+            lambda: net.ht.run(lambda: door_of(net.host).in_flight) == 1, TIMEOUT, "one in flight"
+        )
+        busy = get(net, "/slow")
+        assert busy.status_code == 503 and busy.headers["Retry-After"] == "1", busy.text
+        gate.set()
+        first.join(TIMEOUT)
+        net.ht.run(setattr, net.host, "call_timeout", 0.2)
+        gate.clear()
+        late = get(net, "/slow")
+        assert late.status_code == 504 and "in time" in late.text, late.text
+        gate.set()
+        net.ht.run(setattr, net.host, "call_timeout", None)
+        gone = get(net, "/lost")
+        assert gone.status_code == 502 and "lost" in gone.text, gone.text
+    finally:
+        gate.set()
+        net.stop()

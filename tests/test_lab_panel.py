@@ -42,6 +42,7 @@ from support.browser import (
     WAIT,
     JupyterLab,
     artifacts_on_failure,
+    slow_task_cells,
     write_notebook,
 )
 from support.waiting import wait_until
@@ -54,18 +55,7 @@ README_IMAGE = Path(__file__).resolve().parents[1] / "docs" / "images" / "lab-pa
 PANEL_CELLS = [
     "%load_ext anvil_nb",
     '%%callable\ndef greet(name):\n    return "hi " + name',
-    "%%callable\n"
-    "import threading\n"
-    "from anvil_nb import server\n"
-    "release = threading.Event()\n"
-    "\n"
-    "@server.background_task\n"
-    "def b_slow():\n"
-    "    server.task_state['progress'] = 0.4\n"
-    "    while not release.is_set():  # short waits: a kill ends it at once\n"
-    "        release.wait(0.05)\n"
-    "    return 'done'",
-    "b_task = server.launch_background_task('b_slow')",
+    *slow_task_cells(0.4),
 ]
 SHOP_CELLS = [
     "%load_ext anvil_nb",

@@ -26,6 +26,7 @@ from anvil_nb.core.errors import (
     BackgroundTaskNotFound,
     NoServerFunctionError,
     PermissionDenied,
+    SerializationError,
 )
 from anvil_nb.host.dispatcher import Host
 from anvil_nb.host.inprocess import HostThread
@@ -437,4 +438,96 @@ def test_admin_tasks_over_http_need_the_server_key(gate: threading.Event):
         assert again.status_code == 404
     finally:
         gate.set()
+        net.stop()
+
+
+def test_a_killed_task_s_finally_runs_and_an_async_task_only_reads_killed(connect):
+    cleaned = threading.Event()
+    release, ended = threading.Event(), threading.Event()
+    registry = FunctionRegistry()
+
+    def tidy() -> None:
+        try:
+            while True:
+                server.task_state["alive"] = True
+        finally:
+            cleaned.set()  # the kill raised in the task's thread, so this ran
+
+    async def waits() -> str:  # async: not stopped by kill (docs/tasks.md), only recorded
+        import asyncio as aio  # noqa: PLC0415
+
+        while not release.is_set():
+            await aio.sleep(0.01)
+        ended.set()
+        return "done"
+
+    registry.register("task:tidy", tidy)
+    registry.register("task:waits", waits)
+    connect("uplink", registry)
+    launcher = connect()
+    task = launcher.call(LAUNCH, "tidy")
+    wait_until(lambda: task.get_state().get("alive"), TIMEOUT, "the task to run")
+    task.kill()
+    assert cleaned.wait(TIMEOUT)
+    slow = launcher.call(LAUNCH, "waits")
+    try:
+        slow.kill()
+        assert slow.get_termination_status() == "killed"
+    finally:
+        release.set()
+    assert ended.wait(TIMEOUT)  # it ran on to its end (and its late answer was dropped)
+
+
+def test_a_hostile_provider_cannot_slip_objects_into_a_task_s_state(gate: threading.Event):
+    from concurrent.futures import ThreadPoolExecutor  # noqa: PLC0415
+
+    from support.nethost import KEYS, NetHost  # noqa: PLC0415
+    from support.ws import RawWS  # noqa: PLC0415
+
+    net = NetHost()
+    raw = None
+    try:
+        raw = RawWS(net.url)
+        assert raw.hello(KEYS.server_key).get("auth") == "OK"
+        raw.send({"type": "REGISTER", "name": "task:evil"})
+        launcher = net.client()
+        assert launcher.call("anvil.private.echo", 1) == 1  # the REGISTER has landed
+        task = launcher.call(LAUNCH, "evil")
+        launch = raw.recv()
+        assert launch["type"] == "LAUNCH_BACKGROUND"
+        answers = [
+            # a capability the host never issued
+            [
+                {
+                    "type": ["Capability"],
+                    "path": ["response", "x"],
+                    "scope": ["doc"],
+                    "mac": "forged",
+                }
+            ],
+            # an entry outside the response
+            [
+                {
+                    "type": ["DateTime"],
+                    "path": ["sessionData"],
+                    "value": "2020-01-01 00:00:00.000000+0000",
+                }
+            ],
+        ]
+        with ThreadPoolExecutor(1) as pool:
+            for objects in answers:
+                asked = pool.submit(task.get_state)
+                query = raw.recv()
+                assert query["type"] == "GET_TASK_STATE" and query["task"] == launch["id"]
+                raw.send({"id": query["id"], "response": {"x": 1}, "objects": objects})
+                with pytest.raises((PermissionDenied, SerializationError)):
+                    asked.result(TIMEOUT)
+        raw.send({"id": "bgquery-not-asked", "response": {}, "objects": []})  # dropped
+        with pytest.raises(PermissionDenied):  # a live-object call that is not one
+            launcher._live_call({"backend": ["x"], "id": None}, "get_state")
+        assert task.get_termination_status() is None  # still running: nothing broke
+        assert launcher.call("anvil.private.echo", 2) == 2
+    finally:
+        if raw is not None:
+            raw.close()
         net.stop()

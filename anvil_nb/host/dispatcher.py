@@ -1029,7 +1029,10 @@ class Host(TaskRouting):
                 if isinstance(wire, dict):  # an error kept as it came (a failed task's)
                     self._send(ps, protocol.error_message(call_id, protocol.wire_error(wire)))
                     return
-                error = exc if isinstance(exc, AnvilError) else InternalError(f"{what} failed")
+                if isinstance(exc, ProtocolError):  # a malformed answer: named, as a call's is
+                    error: AnvilError = SerializationError(str(exc))
+                else:
+                    error = exc if isinstance(exc, AnvilError) else InternalError(f"{what} failed")
                 if not isinstance(exc, AnvilError):
                     log.error("%s failed", what, exc_info=exc)
                 self._fail(ps, call_id, error)

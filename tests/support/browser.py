@@ -52,6 +52,7 @@ __all__ = [
     "artifacts_on_failure",
     "chromium",
     "open_and_run_notebook",
+    "slow_task_cells",
     "require_chromium",
     "write_notebook",
 ]
@@ -72,6 +73,27 @@ ARTIFACTS = Path(
     os.environ.get("ANVIL_NB_TEST_ARTIFACTS")
     or Path(tempfile.gettempdir()) / "anvil_nb-test-artifacts"
 )
+
+
+def slow_task_cells(progress: float) -> list[str]:
+    """Cells that define ``b_slow`` (a background task that reports *progress* and waits in
+    short steps, so a kill ends it at once) and launch it as ``b_task``.
+    """
+    return [
+        "%%callable\n"
+        "import threading\n"
+        "from anvil_nb import server\n"
+        "release = threading.Event()\n"
+        "\n"
+        "@server.background_task\n"
+        "def b_slow():\n"
+        f"    server.task_state['progress'] = {progress!r}\n"
+        "    while not release.is_set():\n"
+        "        release.wait(0.05)\n"
+        "    return 'done'",
+        "b_task = server.launch_background_task('b_slow')",
+    ]
+
 
 #: The notebook :func:`open_and_run_notebook` writes and opens.
 NOTEBOOK = "dashboard.ipynb"
